@@ -1,0 +1,127 @@
+"""Checkpoints: one safetensors file holding a whole training state, never pickle.
+
+The state tree (params, optimizer state, model state such as batch-norm
+statistics) is flattened to "/"-joined names. The safetensors header's string
+metadata carries `format` ("gen-checkpoint"), its version, and `gen`: a JSON
+object with the model name, the full config, the step and data position, the
+seed (all randomness derives from it and the step, so that is the RNG state),
+and the gen and torch versions.
+
+Writes are atomic: the file is written beside its destination, flushed to disk,
+then renamed over it, so a crash leaves either the old checkpoint or the new
+one, never half of one. Every way a load can fail raises `CheckpointError`
+with a one-line message.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+import gen
+from gen.tree import Tree, flatten, tree_map, unflatten
+
+FORMAT = "gen-checkpoint"
+FORMAT_VERSION = "1"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message says why and what to do."""
+
+
+def save(path: str | Path, state: Tree, metadata: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = flatten(tree_map(lambda t: t.detach().to("cpu").contiguous(), state))
+    header = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "gen": json.dumps({**metadata, "gen_version": gen.__version__, "torch_version": torch.__version__}),
+    }
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, temporary, metadata=header)
+        with open(temporary, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    _fsync_directory(path.parent)
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The JSON metadata alone, without reading the tensors."""
+    return _open(Path(path))[1]
+
+
+def load(path: str | Path, model: str | None = None) -> tuple[Tree, dict]:
+    """(state tree, metadata); with `model`, also check the checkpoint is of that model."""
+    path = Path(path)
+    tensors, metadata = _open(path, read_tensors=True)
+    if model is not None and metadata.get("model") != model:
+        raise CheckpointError(f"{path} holds a '{metadata.get('model')}' model, not '{model}': "
+                              "use a checkpoint of the same model or another --out folder")
+    return unflatten(tensors), metadata
+
+
+def conform(path: str | Path, state: Tree, template: Tree) -> Tree:
+    """`state` in the key order of a freshly built `template`, after checking that
+    every tensor name, shape and dtype agree (Dynamo guards on key order, so a
+    resumed state must be laid out exactly like a fresh one)."""
+    loaded, expected = flatten(state), flatten(template)
+    if loaded.keys() != expected.keys():
+        missing = sorted(expected.keys() - loaded.keys())[:3]
+        extra = sorted(loaded.keys() - expected.keys())[:3]
+        raise CheckpointError(f"{path} does not match this model's configuration (missing {missing}, "
+                              f"unexpected {extra}): resume with the config it was trained with")
+    for name, tensor in loaded.items():
+        if tensor.shape != expected[name].shape or tensor.dtype != expected[name].dtype:
+            raise CheckpointError(f"{path}: '{name}' is {tuple(tensor.shape)} {tensor.dtype} but this "
+                                  f"configuration needs {tuple(expected[name].shape)} {expected[name].dtype}: "
+                                  "resume with the config it was trained with")
+    return unflatten({name: loaded[name].to(expected[name].device) for name in expected})
+
+
+def _open(path: Path, read_tensors: bool = False) -> tuple[dict, dict]:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist: check the path or train a model first")
+    if not path.is_file():
+        raise CheckpointError(f"{path} is not a file: pass a checkpoint file or a run folder")
+    try:
+        tensors = load_file(path) if read_tensors else {}
+        with safe_open(path, framework="pt") as handle:
+            header = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"{path} is not a readable safetensors checkpoint ({reason}): it may be "
+                              "truncated or corrupt; use another checkpoint") from None
+    if header.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is a safetensors file but not a gen checkpoint: pass a file written by "
+                              "gen train")
+    if header.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format {header.get('format_version')}, this gen reads "
+                              f"{FORMAT_VERSION}: use a matching gen version")
+    try:
+        metadata = json.loads(header["gen"])
+    except (KeyError, json.JSONDecodeError):
+        raise CheckpointError(f"{path} has damaged metadata: use another checkpoint") from None
+    if not isinstance(metadata, dict) or "model" not in metadata or "config" not in metadata:
+        raise CheckpointError(f"{path} has incomplete metadata (no model or config): use another checkpoint")
+    return tensors, metadata
+
+
+def _fsync_directory(directory: Path) -> None:
+    # The rename is durable only once the directory entry is on disk.
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)

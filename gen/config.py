@@ -1,0 +1,77 @@
+"""One run's configuration: a frozen dataclass, saved as JSON beside every checkpoint.
+
+Fields left as None take the model family's default (`resolve`), so
+`gen train dcgan` gets DCGAN's Adam(2e-4, β1=0.5) and batch 64 while
+`gen train vae` gets the pytorch/examples VAE's Adam(1e-3) and batch 128.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str = "vae"
+    data: str = "digits"
+    data_dir: str | None = None
+    epochs: int | None = None        # one of epochs/steps sets the run's length
+    steps: int | None = None
+    batch_size: int | None = None
+    optimizer: str = "adam"          # adam | adamw | sgd
+    lr: float | None = None
+    b1: float | None = None
+    b2: float | None = None
+    weight_decay: float = 0.0
+    momentum: float = 0.9            # sgd only
+    seed: int = 0
+    # VAE family
+    latent_dim: int | None = None
+    hidden_dim: int | None = None
+    beta: float = 1.0
+    iwae_k: int = 1
+    # GAN family
+    gan_loss: str | None = None      # minimax | non-saturating | wasserstein | hinge
+    n_critic: int | None = None
+    gp_weight: float = 10.0
+    # running
+    compile: bool = True
+    device: str = "auto"
+    log_every: int = 50
+    sample_every: int = 0            # 0: no intermediate sample grids
+    eval_samples: int = 2500
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Config":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def resolve(config: Config, defaults: dict) -> Config:
+    """Fill every None field that the model family has a default for."""
+    filled = {k: v for k, v in defaults.items() if getattr(config, k) is None}
+    return dataclasses.replace(config, **filled)
+
+
+def validate(config: Config) -> None:
+    """Raise ValueError with a one-line message for settings that cannot work."""
+    checks = [
+        (config.batch_size is None or config.batch_size >= 1, "--batch-size must be at least 1"),
+        (config.lr is None or config.lr > 0, "--lr must be positive"),
+        (config.epochs is None or config.epochs >= 1, "--epochs must be at least 1"),
+        (config.steps is None or config.steps >= 1, "--steps must be at least 1"),
+        (not (config.epochs and config.steps), "give --epochs or --steps, not both"),
+        (config.iwae_k >= 1, "--iwae-k must be at least 1"),
+        (config.beta >= 0, "--beta must be non-negative"),
+        (config.iwae_k == 1 or config.beta == 1.0, "--beta weights the ELBO's KL term; IWAE (--iwae-k > 1) "
+                                                   "has no such term, so drop one of the two"),
+        (config.optimizer in ("adam", "adamw", "sgd"), "--optimizer must be adam, adamw or sgd"),
+        (config.n_critic is None or config.n_critic >= 1, "--n-critic must be at least 1"),
+        (config.log_every >= 1, "--log-every must be at least 1"),
+        (config.sample_every >= 0, "--sample-every must be 0 (off) or positive"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)

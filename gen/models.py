@@ -1,0 +1,60 @@
+"""The contract every model family meets, and the registry the CLI reads.
+
+A family is a handful of pure functions. The training loop (gen/train.py)
+knows nothing else about a model:
+
+    state = family.init(config, shape, seed)          # {"params", "opt_state", ...}
+    step = family.make_step(config, shape)            # pure; compiled once by the loop
+    inputs = family.make_noise(config, shape, batch_size, generator)
+    state, metrics = step(state, batch, inputs)       # metrics: dict of 0-d tensors
+    samples = family.generate(state, config, shape, n, generator)
+    results = family.evaluate(state, config, dataset, seed)
+
+`batch` is (batches_per_step, B, *shape) when a step consumes several real
+batches (WGAN-GP's critic iterations) and (B, *shape) otherwise. Every random
+number the step uses arrives in `inputs`, drawn outside it from (seed, step),
+so compiled and eager steps, and resumed runs, see identical numbers.
+"""
+
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+from gen import optim
+from gen.config import Config
+from gen.data import Dataset
+from gen.tree import Tree
+
+
+class Family(NamedTuple):
+    name: str
+    summary: str
+    data_kinds: tuple[str, ...]  # "image", "points"
+    defaults: dict
+    init: Callable[[Config, tuple, int], Tree]
+    make_step: Callable[[Config, tuple], Callable]
+    make_noise: Callable[[Config, tuple, int, torch.Generator], dict[str, Tensor]]
+    generate: Callable[[Tree, Config, tuple, int, torch.Generator], Tensor]
+    evaluate: Callable[[Tree, Config, Dataset, int], dict[str, float]]
+    batches_per_step: Callable[[Config], int] = lambda config: 1
+
+
+def make_optimizer(config: Config) -> optim.Optimizer:
+    if config.optimizer == "sgd":
+        return optim.sgd(config.lr, momentum=config.momentum)
+    return optim.adam(config.lr, config.b1, config.b2, weight_decay=config.weight_decay)
+
+
+def registry() -> dict[str, Family]:
+    # Imported here so that each family module can import this one for Family.
+    from gen import vae
+    families = [vae.MLP_VAE, vae.CONV_VAE]
+    return {family.name: family for family in families}
+
+
+def get(name: str) -> Family:
+    families = registry()
+    if name not in families:
+        raise ValueError(f"unknown model '{name}': use one of {', '.join(families)}")
+    return families[name]

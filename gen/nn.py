@@ -1,0 +1,139 @@
+"""Layers as pure functions: every layer is `xxx_init(generator, ...) -> Params`
+plus `xxx(params, x, ...) -> Tensor`.
+
+Params are flat `dict[str, Tensor]` in torch layout, so `F.linear`/`F.conv2d`
+apply them directly and `torch.func.functional_call` can run the same dict
+through an `nn.Module` in parity tests. Initialisers draw from the
+`torch.Generator` they are given (never the global RNG) with the same
+distributions as `torch.nn`'s defaults. Layers with state that is not learned
+(batch norm's running statistics, spectral norm's power-iteration vector) take
+that state as an argument and return its new value, the way Flax threads
+`batch_stats`: nothing is mutated in place.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+from gen.tree import Params
+
+
+def uniform(generator: torch.Generator, shape: tuple[int, ...], bound: float) -> Tensor:
+    """U(-bound, bound)."""
+    return (torch.rand(shape, generator=generator) * 2 - 1) * bound
+
+
+# --- linear ---------------------------------------------------------------------
+
+
+def linear_init(generator: torch.Generator, in_features: int, out_features: int, bias: bool = True) -> Params:
+    # torch.nn.Linear: kaiming_uniform(a=sqrt(5)) reduces to U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+    # and the bias uses the same bound.
+    bound = 1 / math.sqrt(in_features)
+    params = {"weight": uniform(generator, (out_features, in_features), bound)}
+    if bias:
+        params["bias"] = uniform(generator, (out_features,), bound)
+    return params
+
+
+def linear(params: Params, x: Tensor) -> Tensor:
+    """y = x Wᵀ + b."""
+    return F.linear(x, params["weight"], params.get("bias"))
+
+
+# --- convolutions -----------------------------------------------------------------
+
+
+def conv2d_init(generator: torch.Generator, in_channels: int, out_channels: int, kernel_size: int,
+                bias: bool = True) -> Params:
+    bound = 1 / math.sqrt(in_channels * kernel_size * kernel_size)
+    params = {"weight": uniform(generator, (out_channels, in_channels, kernel_size, kernel_size), bound)}
+    if bias:
+        params["bias"] = uniform(generator, (out_channels,), bound)
+    return params
+
+
+def conv2d(params: Params, x: Tensor, stride: int = 1, padding: int = 0) -> Tensor:
+    return F.conv2d(x, params["weight"], params.get("bias"), stride=stride, padding=padding)
+
+
+def conv_transpose2d_init(generator: torch.Generator, in_channels: int, out_channels: int, kernel_size: int,
+                          bias: bool = True) -> Params:
+    # Weight layout (in, out, k, k). torch computes fan_in from dim 1 of that
+    # layout, i.e. out_channels * k * k; we keep its convention for parity.
+    bound = 1 / math.sqrt(out_channels * kernel_size * kernel_size)
+    params = {"weight": uniform(generator, (in_channels, out_channels, kernel_size, kernel_size), bound)}
+    if bias:
+        params["bias"] = uniform(generator, (out_channels,), bound)
+    return params
+
+
+def conv_transpose2d(params: Params, x: Tensor, stride: int = 1, padding: int = 0) -> Tensor:
+    return F.conv_transpose2d(x, params["weight"], params.get("bias"), stride=stride, padding=padding)
+
+
+# --- batch norm -------------------------------------------------------------------
+
+
+def batch_norm_init(num_features: int) -> tuple[Params, Params]:
+    """Learned scale/shift, and the running statistics as separate state."""
+    params = {"weight": torch.ones(num_features), "bias": torch.zeros(num_features)}
+    state = {"running_mean": torch.zeros(num_features), "running_var": torch.ones(num_features)}
+    return params, state
+
+
+def batch_norm(params: Params, state: Params, x: Tensor, training: bool, momentum: float = 0.1,
+               eps: float = 1e-5) -> tuple[Tensor, Params]:
+    """y = (x - E[x]) / sqrt(Var[x] + eps) * γ + β over every axis but channels (axis 1).
+
+    Training normalises with the batch statistics and returns the updated
+    running ones, r ← (1 - momentum) r + momentum · stat, with the unbiased
+    variance n/(n-1) Var[x] as torch.nn.BatchNorm uses. Evaluation uses the
+    running statistics and returns the state unchanged.
+    """
+    shape = [1, -1] + [1] * (x.ndim - 2)  # broadcast a per-channel vector over (B, C, ...)
+    if training:
+        axes = [0] + list(range(2, x.ndim))
+        mean = x.mean(axes)
+        var = x.var(axes, correction=0)
+        n = x.numel() // x.shape[1]
+        state = {
+            "running_mean": (1 - momentum) * state["running_mean"] + momentum * mean,
+            "running_var": (1 - momentum) * state["running_var"] + momentum * var * (n / (n - 1)),
+        }
+    else:
+        mean, var = state["running_mean"], state["running_var"]
+    y = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + eps)
+    return y * params["weight"].reshape(shape) + params["bias"].reshape(shape), state
+
+
+# --- spectral norm ----------------------------------------------------------------
+
+
+def spectral_norm_init(generator: torch.Generator, weight: Tensor) -> Params:
+    """The power-iteration vector u (a unit vector of size out_features)."""
+    u = torch.randn(weight.shape[0], generator=generator)
+    return {"u": F.normalize(u, dim=0, eps=1e-12)}
+
+
+def spectral_normalize(weight: Tensor, state: Params, n_power_iterations: int = 1,
+                       eps: float = 1e-12) -> tuple[Tensor, Params]:
+    """W / σ(W), with σ estimated by power iteration (Miyato et al. 2018, Algorithm 1):
+
+        v ← Wᵀu / ‖Wᵀu‖,   u ← Wv / ‖Wv‖,   σ(W) ≈ uᵀ W v
+
+    u carries over between steps, so one iteration per step suffices. The
+    vectors are treated as constants (no gradient flows through u, v), as in
+    the paper and torch.nn.utils.spectral_norm.
+    """
+    matrix = rearrange(weight, "o ... -> o (...)")
+    u = state["u"]
+    with torch.no_grad():
+        for _ in range(n_power_iterations):
+            v = F.normalize(matrix.t() @ u, dim=0, eps=eps)
+            u = F.normalize(matrix @ v, dim=0, eps=eps)
+    sigma = torch.dot(u, matrix @ v)
+    return weight / sigma, {"u": u}

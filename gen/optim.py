@@ -1,0 +1,99 @@
+"""Optimizers as pairs of pure functions, after optax's GradientTransformation:
+
+    optimizer = adam(1e-3)
+    opt_state = optimizer.init(params)
+    params, opt_state = optimizer.update(grads, opt_state, params)
+
+State is a dict of tensors (`count` plus one dict per moment), so it is
+checkpointed, compiled and vmapped like the params. `update` returns new
+tensors and never mutates its inputs. The step count is a 0-d tensor, so a
+compiled step that calls `update` sees the same graph every iteration.
+"""
+
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+from gen.tree import Params
+
+OptState = dict  # {"count": Tensor, "mu": Params, ...}
+Schedule = Callable[[Tensor], Tensor]  # step count -> learning rate
+
+
+class Optimizer(NamedTuple):
+    init: Callable[[Params], OptState]
+    update: Callable[[Params, OptState, Params], tuple[Params, OptState]]
+
+
+def _learning_rate(lr: float | Schedule, count: Tensor) -> float | Tensor:
+    return lr(count) if callable(lr) else lr
+
+
+def adam(lr: float | Schedule = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+         weight_decay: float = 0.0) -> Optimizer:
+    """Adam (Kingma & Ba 2015, Algorithm 1); with weight_decay > 0 it is AdamW
+    (Loshchilov & Hutter 2019): the decay multiplies the parameters directly
+    instead of entering the gradient, as torch.optim.AdamW does."""
+
+    def init(params: Params) -> OptState:
+        # Separate zeros for mu and nu: one shared tensor would alias the two.
+        return {
+            "count": torch.zeros((), dtype=torch.int64, device=_device(params)),
+            "mu": {k: torch.zeros_like(p) for k, p in params.items()},
+            "nu": {k: torch.zeros_like(p) for k, p in params.items()},
+        }
+
+    def update(grads: Params, state: OptState, params: Params) -> tuple[Params, OptState]:
+        count = state["count"] + 1
+        t = count.to(torch.float64)
+        lr_t = _learning_rate(lr, count)
+        bias_correction1 = (1 - b1 ** t).to(torch.float32)
+        bias_correction2 = (1 - b2 ** t).to(torch.float32)
+        new_params, mu, nu = {}, {}, {}
+        for k, g in grads.items():
+            p = params[k]
+            if weight_decay:
+                p = p * (1 - lr_t * weight_decay)              # decoupled weight decay
+            mu[k] = b1 * state["mu"][k] + (1 - b1) * g          # first moment estimate
+            nu[k] = b2 * state["nu"][k] + (1 - b2) * g * g      # second moment estimate
+            mu_hat = mu[k] / bias_correction1                   # bias-corrected first moment
+            nu_hat = nu[k] / bias_correction2                   # bias-corrected second moment
+            new_params[k] = p - lr_t * mu_hat / (nu_hat.sqrt() + eps)
+        return new_params, {"count": count, "mu": mu, "nu": nu}
+
+    return Optimizer(init, update)
+
+
+def adamw(lr: float | Schedule = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+          weight_decay: float = 1e-2) -> Optimizer:
+    return adam(lr, b1, b2, eps, weight_decay)
+
+
+def sgd(lr: float | Schedule = 1e-2, momentum: float = 0.0, nesterov: bool = False) -> Optimizer:
+    """SGD with heavy-ball momentum, in torch.optim.SGD's form (dampening 0):
+    b ← μ b + g;  p ← p - lr · b  (Nesterov: p ← p - lr · (g + μ b))."""
+
+    def init(params: Params) -> OptState:
+        return {
+            "count": torch.zeros((), dtype=torch.int64, device=_device(params)),
+            "momentum": {k: torch.zeros_like(p) for k, p in params.items()},
+        }
+
+    def update(grads: Params, state: OptState, params: Params) -> tuple[Params, OptState]:
+        count = state["count"] + 1
+        lr_t = _learning_rate(lr, count)
+        new_params, buffers = {}, {}
+        for k, g in grads.items():
+            # torch.optim.SGD seeds the buffer with g on the first step; starting
+            # from zeros gives b = g on that step as well.
+            buffers[k] = momentum * state["momentum"][k] + g
+            direction = g + momentum * buffers[k] if nesterov else buffers[k]
+            new_params[k] = params[k] - lr_t * direction
+        return new_params, {"count": count, "momentum": buffers}
+
+    return Optimizer(init, update)
+
+
+def _device(params: Params) -> torch.device:
+    return next(iter(params.values())).device if params else torch.device("cpu")
