@@ -50,8 +50,9 @@ class Config:
 
 
 def resolve(config: Config, defaults: dict) -> Config:
-    """Fill every None field that the model family has a default for."""
-    filled = {k: v for k, v in defaults.items() if getattr(config, k) is None}
+    """Fill every None field that the model family has a default for, except the
+    run's length (epochs/steps), which depends on the data too (gen/train.py)."""
+    filled = {k: v for k, v in defaults.items() if getattr(config, k) is None and k not in ("epochs", "steps")}
     return dataclasses.replace(config, **filled)
 
 

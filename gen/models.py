@@ -48,8 +48,8 @@ def make_optimizer(config: Config) -> optim.Optimizer:
 
 def registry() -> dict[str, Family]:
     # Imported here so that each family module can import this one for Family.
-    from gen import vae
-    families = [vae.MLP_VAE, vae.CONV_VAE]
+    from gen import gan, vae
+    families = [vae.MLP_VAE, vae.CONV_VAE, *gan.FAMILIES]
     return {family.name: family for family in families}
 
 

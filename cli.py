@@ -1,0 +1,209 @@
+"""gen's command line: train, sample, inspect and benchmark generative models.
+
+Installed as the `gen` command; `python cli.py ...` is the same program.
+Every expected failure (bad data, bad checkpoint, bad option) ends with one
+line on stderr and exit status 1, never a traceback.
+"""
+
+import math
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train, sample and benchmark VAEs and GANs written as pure functions.")
+
+
+def fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def expected_errors() -> tuple[type[Exception], ...]:
+    from gen.checkpoint import CheckpointError
+    from gen.data import DataError
+    return (ValueError, DataError, CheckpointError, OSError)
+
+
+def default_out(model: str, data: str) -> Path:
+    """runs/MODEL-DATA, or -2, -3, ... when that run folder is taken: a new run never overwrites an old one."""
+    base = Path("runs") / f"{model}-{Path(data).name or 'data'}"
+    candidate, suffix = base, 2
+    while candidate.exists():
+        candidate, suffix = base.with_name(f"{base.name}-{suffix}"), suffix + 1
+    return candidate
+
+
+@app.command()
+def train(
+    model: Annotated[str, typer.Argument(help="vae | conv-vae | gan | dcgan | wgan-gp | sngan")],
+    data: Annotated[str, typer.Option(help="digits | fashion-mnist | mnist | ring8 | grid25 | moons | "
+                                           "swissroll | a directory of IDX files")] = None,
+    data_dir: Annotated[Optional[str], typer.Option(help="where MNIST/Fashion-MNIST IDX files are")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="passes over the training set")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="optimizer steps (instead of --epochs)")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="examples per step")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="learning rate")] = None,
+    optimizer: Annotated[str, typer.Option(help="adam | adamw | sgd")] = "adam",
+    beta: Annotated[float, typer.Option(help="β-VAE weight on the KL term")] = 1.0,
+    iwae_k: Annotated[int, typer.Option(help="importance samples for the IWAE bound (1: ELBO)")] = 1,
+    latent_dim: Annotated[Optional[int], typer.Option(help="size of z")] = None,
+    gan_loss: Annotated[Optional[str], typer.Option(help="GAN: minimax | non-saturating")] = None,
+    n_critic: Annotated[Optional[int], typer.Option(help="WGAN-GP: critic updates per generator update")] = None,
+    seed: Annotated[int, typer.Option(help="seed for init, data order and noise")] = 0,
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the step")] = True,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    out: Annotated[Optional[Path], typer.Option(help="run folder (default runs/MODEL-DATA)")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out from its checkpoint")] = False,
+    log_every: Annotated[int, typer.Option(help="steps between metric lines")] = 50,
+    sample_every: Annotated[int, typer.Option(help="steps between fixed-noise sample grids (0: off)")] = 0,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="show a progress bar")] = True,
+) -> None:
+    """Train MODEL and write a run folder: checkpoint, config, metrics, samples.png, loss.png."""
+    from dataclasses import replace
+
+    from gen import checkpoint
+    from gen.config import Config
+    from gen.train import CHECKPOINT, train as run_training
+
+    try:
+        if resume:
+            out = out or Path("runs") / f"{model}-{Path(data or 'digits').name}"
+            metadata = checkpoint.read_metadata(out / CHECKPOINT)
+            if metadata["model"] != model:
+                fail(f"{out} holds a '{metadata['model']}' run, not '{model}': resume it as {metadata['model']}")
+            config = Config.from_dict(metadata["config"])
+            length = {"epochs": epochs, "steps": steps} if (epochs or steps) else {}
+            config = replace(config, compile=compile, device=device, log_every=log_every,
+                             sample_every=sample_every, **length)
+        else:
+            data = data or ("grid25" if model in ("gan", "wgan-gp", "sngan") else "digits")
+            config = Config(model=model, data=data, data_dir=data_dir, epochs=epochs, steps=steps,
+                            batch_size=batch_size, optimizer=optimizer, lr=lr, seed=seed, beta=beta,
+                            iwae_k=iwae_k, latent_dim=latent_dim, gan_loss=gan_loss, n_critic=n_critic,
+                            compile=compile, device=device, log_every=log_every, sample_every=sample_every)
+            out = out or default_out(model, data)
+        summary = run_training(config, out, resume=resume, show_progress=progress)
+    except KeyboardInterrupt as interrupt:
+        fail(str(interrupt) or "interrupted")
+    except expected_errors() as error:
+        fail(str(error))
+    final = {k: round(v, 4) for k, v in summary["final"].items() if isinstance(v, float)}
+    evaluation = {k: round(v, 4) if isinstance(v, float) else v for k, v in summary["evaluation"].items()
+                  if k not in ("step", "epoch")}
+    typer.echo(f"trained {summary['steps']} steps on {summary['device']} "
+               f"({'compiled, ' + str(summary['graphs_compiled']) + ' graph(s)' if summary['compiled'] else 'eager'})")
+    typer.echo(f"final: {final}")
+    if evaluation:
+        typer.echo(f"evaluation: {evaluation}")
+    typer.echo(f"run folder: {summary['out']}")
+
+
+@app.command()
+def sample(
+    source: Annotated[Path, typer.Argument(help="a run folder or a checkpoint file")],
+    n: Annotated[int, typer.Option(help="number of samples")] = 64,
+    out: Annotated[Path, typer.Option(help="FILE.png for a picture, FILE.safetensors for raw samples")] =
+        Path("samples.png"),
+    seed: Annotated[int, typer.Option(help="seed for the latent noise")] = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "cpu",
+) -> None:
+    """Draw N samples from a trained model."""
+    try:
+        write_samples(source, n, out, seed, device)
+    except expected_errors() as error:
+        fail(str(error))
+    typer.echo(f"wrote {n} samples to {out}")
+
+
+def write_samples(source: Path, n: int, out: Path, seed: int, device: str) -> None:
+    import os
+
+    from safetensors.torch import save_file
+
+    from gen import checkpoint, data, models, plots, rng
+    from gen.config import Config
+    from gen.train import CHECKPOINT, resolve_device
+    from gen.tree import to_device
+
+    if n < 1:
+        raise ValueError("--n must be at least 1")
+    if out.suffix not in (".png", ".safetensors"):
+        raise ValueError(f"cannot write '{out.suffix or out.name}': --out must end in .png or .safetensors")
+    path = source / CHECKPOINT if source.is_dir() else source
+    loaded, metadata = checkpoint.load(path)
+    family = models.get(metadata["model"])
+    config = Config.from_dict(metadata["config"])
+    shape = tuple(metadata["shape"])
+    template = to_device(family.init(config, shape, config.seed), resolve_device(device))
+    state = checkpoint.conform(path, loaded, template)
+    samples = family.generate(state, config, shape, n, rng.generator(seed, "sample")).cpu()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.with_name(f".{out.name}.tmp{out.suffix}")
+    if out.suffix == ".safetensors":
+        save_file({"samples": samples.contiguous()}, temporary,
+                  metadata={"model": metadata["model"], "step": str(metadata["step"])})
+    elif metadata["data_kind"] == "image":
+        plots.image_grid(samples, temporary, scale=plots.upscale_for_viewing(shape[-1]))
+    else:
+        reference = data.load(config.data, config.data_dir, config.seed).test[:n]
+        plots.scatter(samples, temporary, reference=reference, title=f"{config.model}, step {metadata['step']}")
+    os.replace(temporary, out)
+
+
+@app.command()
+def info(source: Annotated[Path, typer.Argument(help="a run folder or a checkpoint file")]) -> None:
+    """Print a checkpoint's model, data, step, parameter count and config."""
+    from gen import checkpoint
+    from gen.train import CHECKPOINT
+
+    path = source / CHECKPOINT if source.is_dir() else source
+    try:
+        state, metadata = checkpoint.load(path)
+    except expected_errors() as error:
+        fail(str(error))
+    params = state.get("params", {})
+    count = sum(t.numel() for t in _leaves(params))
+    config = metadata["config"]
+    typer.echo(f"model:      {metadata['model']}")
+    typer.echo(f"data:       {config.get('data')} {tuple(metadata.get('shape', ()))}")
+    typer.echo(f"step:       {metadata.get('step')} (epoch {metadata.get('epoch', math.nan):.2f})")
+    typer.echo(f"parameters: {count:,}")
+    typer.echo(f"versions:   gen {metadata.get('gen_version')}, torch {metadata.get('torch_version')}")
+    typer.echo("config:     " + ", ".join(f"{k}={v}" for k, v in config.items()))
+
+
+def _leaves(tree: dict):
+    for value in tree.values():
+        yield from _leaves(value) if isinstance(value, dict) else [value]
+
+
+@app.command()
+def bench(
+    models: Annotated[Optional[list[str]], typer.Argument(help="vae conv-vae dcgan gan-2d wgan-gp (default all)")]
+        = None,
+    batch_size: Annotated[Optional[list[int]], typer.Option(help="batch sizes (repeatable)")] = None,
+    steps: Annotated[int, typer.Option(help="timed steps per repeat")] = 20,
+    repeats: Annotated[int, typer.Option(help="repeats per mode (median reported)")] = 5,
+    mode: Annotated[Optional[list[str]], typer.Option(help="compiled | eager | module (repeatable)")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    json: Annotated[Optional[str], typer.Option(help="also write the results as JSON")] = None,
+) -> None:
+    """Time the training step of each model: compiled, eager and nn.Module peer."""
+    from gen import bench as harness
+
+    try:
+        harness.main(models=models, batch_sizes=batch_size, steps=steps, repeats=repeats, device=device,
+                     json_path=json, modes=mode)
+    except expected_errors() as error:
+        fail(str(error))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""The training loop: any model family, one compiled step, a run folder on disk.
+
+    runs/NAME/
+      config.json          the resolved Config
+      checkpoint.safetensors   whole training state + metadata (gen/checkpoint.py)
+      metrics.jsonl        one JSON object per log step and per evaluation
+      samples.png          a grid of samples (a scatter plot for 2D data)
+      loss.png             the logged losses against the step
+      samples/step_N.png   fixed-noise samples every --sample-every steps
+
+The step is built once, compiled once (`torch.compile(step, fullgraph=True,
+dynamic=False)`) and then called with tensors only: the batch, a state dict
+whose key order never changes, and the step's random inputs drawn outside it
+from (seed, step). Every batch has the same shape (the ragged last batch is
+dropped), so the graph is compiled exactly once; the summary reports how many
+graphs Dynamo built so a regression shows. Because the data order derives
+from (seed, epoch) and the noise from (seed, step), a resumed run continues
+with exactly the numbers the uninterrupted run would have seen.
+"""
+
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+    TimeRemainingColumn
+
+from gen import checkpoint, data, models, plots, rng
+from gen.config import Config, resolve, validate
+from gen.tree import to_device
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no CUDA device: use --device cpu")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device '{name}': use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def prepare(config: Config) -> tuple[Config, models.Family, data.Dataset]:
+    """Resolve defaults, check the config, load the data; every failure is a one-line error."""
+    family = models.get(config.model)
+    config = resolve(config, family.defaults)
+    validate(config)
+    dataset = data.load(config.data, config.data_dir, config.seed)
+    if config.epochs is None and config.steps is None:
+        if dataset.default_epochs and "epochs" in family.defaults:
+            config = replace(config, epochs=dataset.default_epochs)
+        else:
+            config = replace(config, **{k: v for k, v in family.defaults.items() if k in ("epochs", "steps")})
+    if dataset.kind not in family.data_kinds:
+        wanted = "images" if "image" in family.data_kinds else "2D points"
+        raise ValueError(f"model '{config.model}' trains on {wanted} but '{config.data}' is "
+                         f"{'2D points' if dataset.kind == 'points' else 'images'}: pick a matching --data")
+    return config, family, dataset
+
+
+def train(config: Config, out: str | Path, resume: bool = False, show_progress: bool = True) -> dict:
+    """Train to the configured length; returns a summary (final metrics, timings, compile count)."""
+    config, family, dataset = prepare(config)
+    out = Path(out)
+    checkpoint_path = out / CHECKPOINT
+    if checkpoint_path.exists() and not resume:
+        raise ValueError(f"{out} already holds a checkpoint: pass --resume to continue it or choose another --out")
+    if resume and not checkpoint_path.exists():
+        raise ValueError(f"nothing to resume: {checkpoint_path} does not exist")
+    device = resolve_device(config.device)
+    shape = dataset.shape
+    per_step = family.batches_per_step(config)
+    steps_per_epoch = data.batches_per_epoch(len(dataset.train), config.batch_size * per_step)
+    if steps_per_epoch == 0:
+        raise ValueError(f"--batch-size {config.batch_size} (x{per_step} batches per step) exceeds the "
+                         f"{len(dataset.train)} training examples: use a smaller --batch-size")
+    total_steps = config.steps or config.epochs * steps_per_epoch
+
+    state = to_device(family.init(config, shape, config.seed), device)
+    start_step = 0
+    if resume:
+        loaded, metadata = checkpoint.load(checkpoint_path, model=config.model)
+        state = checkpoint.conform(checkpoint_path, loaded, state)
+        start_step = metadata["step"]
+        if start_step >= total_steps:
+            raise ValueError(f"{out} is already trained for {start_step} steps: raise --epochs or --steps to "
+                             "train further")
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "config.json", config.to_dict())
+    history = _restart_metrics(out / "metrics.jsonl", start_step)
+    metadata = {"model": config.model, "config": config.to_dict(), "data_kind": dataset.kind,
+                "shape": list(shape), "steps_per_epoch": steps_per_epoch}
+
+    step_fn = family.make_step(config, shape)
+    if config.compile:
+        step_fn = torch.compile(step_fn, fullgraph=True, dynamic=False)
+    graphs_before = _graph_count()
+    train_data = dataset.train.to(device)
+
+    def save(step: int) -> None:
+        checkpoint.save(checkpoint_path, state, {**metadata, "step": step, "epoch": step / steps_per_epoch})
+
+    progress = _progress(show_progress)
+    task = progress.add_task(f"{config.model} on {config.data}", total=total_steps, completed=start_step,
+                             status="")
+    compile_seconds = None
+    interval_start, interval_steps = None, 0
+    step = start_step
+    try:
+        with progress:
+            for step in range(start_step, total_steps):
+                epoch, index = divmod(step, steps_per_epoch)
+                batch = _batch(train_data, config, per_step, epoch, index)
+                inputs = family.make_noise(config, shape, config.batch_size,
+                                           rng.generator(config.seed, "noise", step))
+                inputs = {name: value.to(device) for name, value in inputs.items()}
+                tick = time.perf_counter()
+                state, metrics = step_fn(state, batch, inputs)
+                if compile_seconds is None:  # the first call compiles; time it apart from throughput
+                    _synchronize(device)
+                    compile_seconds = time.perf_counter() - tick
+                    interval_start, interval_steps = time.perf_counter(), 0
+                    progress.advance(task)
+                    continue
+                interval_steps += 1
+                progress.advance(task)
+                done = step + 1
+                end_of_epoch = done % steps_per_epoch == 0 or done == total_steps
+                if done % config.log_every == 0 or end_of_epoch:
+                    row = {name: value.item() for name, value in metrics.items()}  # the only host syncs
+                    seconds = time.perf_counter() - interval_start
+                    row = {"step": done, "epoch": round(done / steps_per_epoch, 4), **row,
+                           "samples_per_s": round(interval_steps * config.batch_size * per_step / seconds, 1)}
+                    _append(out / "metrics.jsonl", row, history)
+                    progress.update(task, status=f"loss {row.get('loss', float('nan')):.4g}  "
+                                                 f"{row['samples_per_s']:.0f} samples/s")
+                    interval_start, interval_steps = time.perf_counter(), 0
+                if config.sample_every and done % config.sample_every == 0:
+                    (out / "samples").mkdir(exist_ok=True)
+                    _save_samples(family, state, config, dataset, out / "samples" / f"step_{done:07d}.png")
+                if end_of_epoch:
+                    results = family.evaluate(state, config, dataset, rng.seed_for(config.seed, "eval"))
+                    if results:
+                        _append(out / "metrics.jsonl", {"step": done, "epoch": round(done / steps_per_epoch, 4),
+                                                         **results}, history)
+                    save(done)
+                    interval_start = time.perf_counter()  # evaluation is not training time
+    except KeyboardInterrupt:
+        save(step)  # `state` is always a whole step's output, so this is a valid resume point
+        raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint saved in {out}: continue with --resume")
+    finally:
+        progress.stop()
+
+    _save_samples(family, state, config, dataset, out / "samples.png")
+    plots.loss_curves([row for row in history if "loss" in row], out / "loss.png",
+                      title=f"{config.model} on {config.data}")
+    final = next((row for row in reversed(history) if "loss" in row), {})
+    evaluation = next((row for row in reversed(history) if "loss" not in row), {})
+    summary = {"out": str(out), "steps": total_steps, "device": str(device), "compiled": config.compile,
+               "compile_seconds": compile_seconds, "graphs_compiled": _graph_count() - graphs_before,
+               "final": final, "evaluation": evaluation}
+    _write_json(out / "summary.json", summary)
+    return summary
+
+
+# --- helpers ------------------------------------------------------------------------
+
+
+def _batch(train_data: torch.Tensor, config: Config, per_step: int, epoch: int, index: int) -> torch.Tensor:
+    """Batch `index` of `epoch`: (B, ...) or (batches_per_step, B, ...)."""
+    size = config.batch_size * per_step
+    batch = next(data.batches(train_data, size, config.seed, epoch, start=index))
+    return batch.reshape(per_step, config.batch_size, *batch.shape[1:]) if per_step > 1 else batch
+
+
+def _save_samples(family, state, config: Config, dataset: data.Dataset, path: Path) -> None:
+    """Samples from fixed noise (seed, "samples"), so grids from different steps are comparable."""
+    generator = rng.generator(config.seed, "samples")
+    if dataset.kind == "image":
+        images = family.generate(state, config, dataset.shape, 64, generator)
+        plots.image_grid(images, path, scale=plots.upscale_for_viewing(dataset.shape[-1]))
+    else:
+        points = family.generate(state, config, dataset.shape, config.eval_samples, generator)
+        plots.scatter(points, path, reference=dataset.test[:config.eval_samples],
+                      title=f"{config.model} on {config.data}")
+
+
+def _progress(show: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), TextColumn("{task.fields[status]}"), disable=not show)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _graph_count() -> int:
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
+def _append(path: Path, row: dict, history: list[dict]) -> None:
+    history.append(row)
+    with open(path, "a") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+def _restart_metrics(path: Path, start_step: int) -> list[dict]:
+    """Keep the log rows up to the checkpoint's step (a crash may have logged past it)."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+        if row.get("step", math.inf) <= start_step:
+            rows.append(row)
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    _write_text(path, text)
+    return rows
+
+
+def _write_json(path: Path, value: dict) -> None:
+    _write_text(path, json.dumps(value, indent=2) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
