@@ -106,13 +106,13 @@ def _find_idx_dir(name: str, data_dir: str | None) -> Path:
 
 
 def load_idx_dir(directory: Path, name: str) -> Dataset:
-    arrays = {}
+    paths = {}
     for key, stem in IDX_FILES.items():
-        path = next((p for p in (directory / stem, directory / (stem + ".gz")) if p.exists()), None)
-        if path is None:
+        paths[key] = next((p for p in (directory / stem, directory / (stem + ".gz")) if p.exists()), None)
+        if paths[key] is None:
             raise DataError(f"missing {stem}[.gz] in {directory}: an IDX data directory needs all four "
                             "MNIST-layout files")
-        arrays[key] = read_idx(path)
+    arrays = {key: read_idx(path) for key, path in paths.items()}
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):

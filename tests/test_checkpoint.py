@@ -1,0 +1,111 @@
+"""Checkpoints: round trip, atomic replacement, and a one-line error for every bad file."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from gen import checkpoint
+
+
+def make_state():
+    return {"params": {"encoder.fc.weight": torch.randn(3, 4), "encoder.fc.bias": torch.randn(3)},
+            "opt_state": {"count": torch.tensor(7), "mu": {"encoder.fc.weight": torch.zeros(3, 4)}}}
+
+
+META = {"model": "vae", "config": {"model": "vae", "lr": 1e-3}, "step": 7}
+
+
+@pytest.fixture
+def saved(tmp_path):
+    path = tmp_path / "run" / "checkpoint.safetensors"
+    state = make_state()
+    checkpoint.save(path, state, META)
+    return path, state
+
+
+def test_round_trip_keeps_every_tensor_and_the_metadata(saved):
+    path, state = saved
+    loaded, metadata = checkpoint.load(path, model="vae")
+    assert torch.equal(loaded["params"]["encoder.fc.weight"], state["params"]["encoder.fc.weight"])
+    assert loaded["opt_state"]["count"].item() == 7 and loaded["opt_state"]["count"].dtype == torch.int64
+    assert metadata["step"] == 7 and metadata["config"]["lr"] == 1e-3
+    assert metadata["torch_version"] == torch.__version__ and "gen_version" in metadata
+    assert list(path.parent.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_conform_restores_key_order_and_rejects_other_shapes(saved):
+    path, state = saved
+    loaded, _ = checkpoint.load(path)
+    conformed = checkpoint.conform(path, loaded, state)
+    assert list(conformed) == list(state) and list(conformed["params"]) == list(state["params"])
+    other = make_state()
+    other["params"]["encoder.fc.weight"] = torch.zeros(5, 4)
+    with pytest.raises(checkpoint.CheckpointError, match="needs \\(5, 4\\)"):
+        checkpoint.conform(path, loaded, other)
+    del other["params"]["encoder.fc.bias"]
+    with pytest.raises(checkpoint.CheckpointError, match="does not match"):
+        checkpoint.conform(path, loaded, other)
+
+
+def test_failed_write_leaves_the_old_checkpoint_intact(saved, monkeypatch):
+    path, state = saved
+    before = path.read_bytes()
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", crash)
+    with pytest.raises(OSError):
+        checkpoint.save(path, make_state(), {**META, "step": 8})
+    assert path.read_bytes() == before
+    assert list(path.parent.iterdir()) == [path]
+
+
+def corrupt(path, kind):
+    raw = path.read_bytes()
+    if kind == "truncated":
+        path.write_bytes(raw[: len(raw) - 20])
+    elif kind == "header-only":
+        path.write_bytes(raw[:30])
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "garbage":
+        path.write_bytes(bytes(range(256)) * 4)
+    elif kind == "foreign":
+        save_file({"weight": torch.zeros(2)}, path)
+    elif kind == "bad-json":
+        save_file({"w": torch.zeros(2)}, path, metadata={"format": "gen-checkpoint", "format_version": "1",
+                                                        "gen": "{not json"})
+    elif kind == "no-config":
+        save_file({"w": torch.zeros(2)}, path, metadata={"format": "gen-checkpoint", "format_version": "1",
+                                                        "gen": json.dumps({"model": "vae"})})
+    elif kind == "future-version":
+        save_file({"w": torch.zeros(2)}, path, metadata={"format": "gen-checkpoint", "format_version": "99",
+                                                        "gen": json.dumps(META)})
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("truncated", "truncated or corrupt"), ("header-only", "truncated or corrupt"), ("empty", "truncated or corrupt"),
+    ("garbage", "truncated or corrupt"), ("foreign", "not a gen checkpoint"), ("bad-json", "damaged metadata"),
+    ("no-config", "incomplete metadata"), ("future-version", "checkpoint format 99"),
+])
+def test_bad_files_get_one_line_errors(saved, kind, message):
+    path, _ = saved
+    corrupt(path, kind)
+    with pytest.raises(checkpoint.CheckpointError, match=message) as error:
+        checkpoint.load(path)
+    assert "\n" not in str(error.value)
+
+
+def test_missing_directory_and_wrong_model(saved, tmp_path):
+    path, _ = saved
+    with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
+        checkpoint.load(tmp_path / "nope.safetensors")
+    with pytest.raises(checkpoint.CheckpointError, match="not a file"):
+        checkpoint.load(tmp_path)
+    with pytest.raises(checkpoint.CheckpointError, match="holds a 'vae' model, not 'dcgan'"):
+        checkpoint.load(path, model="dcgan")

@@ -1,0 +1,126 @@
+"""Data sets: embedded digits, IDX parsing (good and malformed files), toy mixtures, batching."""
+
+import gzip
+import struct
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from gen import data
+
+
+def write_idx(path, array: torch.Tensor, compress=False):
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    raw = header + array.to(torch.uint8).numpy().tobytes()
+    path.write_bytes(gzip.compress(raw) if compress else raw)
+
+
+def write_idx_dir(directory, n_train=20, n_test=10, compress=False, size=28):
+    suffix = ".gz" if compress else ""
+    g = torch.Generator().manual_seed(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(directory / f"{prefix}-images-idx3-ubyte{suffix}", torch.randint(0, 256, (n, size, size), generator=g),
+                  compress)
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte{suffix}", torch.randint(0, 10, (n,), generator=g), compress)
+    return directory
+
+
+def test_digits_are_embedded_split_and_scaled():
+    digits = data.load("digits")
+    assert digits.train.shape == (1500, 1, 8, 8) and digits.test.shape == (297, 1, 8, 8)
+    assert digits.train.min() == 0 and digits.train.max() == 1 and digits.train.dtype == torch.float32
+    assert sorted(digits.train_labels.unique().tolist()) == list(range(10))
+    assert torch.equal(data.load("digits").test, digits.test)  # the split is fixed
+
+
+@given(shape=st.lists(st.integers(1, 5), min_size=1, max_size=3), compress=st.booleans())
+@settings(max_examples=25, deadline=None)
+def test_idx_round_trip(tmp_path_factory, shape, compress):
+    path = tmp_path_factory.mktemp("idx") / ("x.gz" if compress else "x")
+    array = torch.randint(0, 256, shape, dtype=torch.uint8)
+    write_idx(path, array, compress)
+    assert torch.equal(data.read_idx(path), array)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_idx_directory_loads_as_images(tmp_path, compress):
+    dataset = data.load(str(write_idx_dir(tmp_path, compress=compress)))
+    assert dataset.train.shape == (20, 1, 28, 28) and dataset.test.shape == (10, 1, 28, 28)
+    assert 0 <= dataset.train.min() and dataset.train.max() <= 1 and dataset.kind == "image"
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x01\x00\x08\x01\x00\x00\x00\x01\x05", "bad magic"),
+    (b"\x00\x00\x0d\x01\x00\x00\x00\x01\x05", "type code 0x0d"),
+    (b"\x00\x00\x08\x03\x00\x00", "truncated IDX header"),
+    (b"\x00\x00\x08\x01\x00\x00\x00\x09\x05", "header says shape (9,)"),
+    (b"\x00\x00", "bad magic"),
+])
+def test_malformed_idx_files_get_one_line_errors(tmp_path, content, message):
+    path = tmp_path / "bad-idx"
+    path.write_bytes(content)
+    with pytest.raises(data.DataError, match=message.replace("(", r"\(").replace(")", r"\)")) as error:
+        data.read_idx(path)
+    assert "\n" not in str(error.value)
+
+
+def test_corrupt_gzip_is_a_data_error(tmp_path):
+    path = tmp_path / "x.gz"
+    path.write_bytes(b"not gzip at all")
+    with pytest.raises(data.DataError, match="cannot read"):
+        data.read_idx(path)
+
+
+def test_missing_files_and_unknown_names_are_data_errors(tmp_path):
+    with pytest.raises(data.DataError, match="mnist not found"):
+        data.load("mnist", data_dir=str(tmp_path))
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(b"")
+    with pytest.raises(data.DataError, match="missing train-labels"):
+        data.load(str(tmp_path))
+    with pytest.raises(data.DataError, match="unknown data set 'nope'"):
+        data.load("nope")
+
+
+def test_mismatched_image_and_label_counts(tmp_path):
+    write_idx_dir(tmp_path)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", torch.zeros(3))
+    with pytest.raises(data.DataError, match="do not match"):
+        data.load(str(tmp_path))
+
+
+@pytest.mark.skipif(not data.FASHION_MNIST_SYSTEM_DIR.exists(), reason="dataset-fashion-mnist not installed")
+def test_fashion_mnist_is_found_where_debian_puts_it():
+    dataset = data.load("fashion-mnist")
+    assert dataset.train.shape == (60000, 1, 28, 28) and dataset.test.shape == (10000, 1, 28, 28)
+    assert dataset.train_labels.bincount().tolist() == [6000] * 10
+
+
+def test_mixtures_have_the_specified_modes_and_spread():
+    ring = data.load("ring8")
+    radii = ring.train.norm(dim=1)
+    assert abs(radii.mean().item() - 2) < 0.01 and ring.modes.shape == (8, 2) and ring.mode_std == 0.02
+    grid = data.load("grid25")
+    assert set(grid.modes.flatten().tolist()) == {-4.0, -2.0, 0.0, 2.0, 4.0} and grid.mode_std == 0.05
+    nearest = torch.cdist(grid.train, grid.modes).min(1).values
+    assert nearest.max() < 0.05 * 6  # every point within 6 std of a mode
+    for name in ("moons", "swissroll"):
+        points = data.load(name)
+        assert points.train.shape == (100_000, 2) and torch.isfinite(points.train).all()
+
+
+def test_toy_data_follow_the_seed():
+    assert torch.equal(data.load("moons", seed=3).train, data.load("moons", seed=3).train)
+    assert not torch.equal(data.load("moons", seed=3).train, data.load("moons", seed=4).train)
+
+
+def test_batches_are_full_shuffled_deterministic_and_resumable():
+    x = torch.arange(10).float()
+    epoch0 = list(data.batches(x, 3, seed=0, epoch=0))
+    assert len(epoch0) == 3 and all(len(b) == 3 for b in epoch0)  # ragged last batch dropped
+    assert len(torch.cat(epoch0).unique()) == 9
+    assert all(torch.equal(a, b) for a, b in zip(epoch0, data.batches(x, 3, seed=0, epoch=0)))
+    assert not torch.equal(torch.cat(epoch0), torch.cat(list(data.batches(x, 3, seed=0, epoch=1))))
+    assert torch.equal(next(data.batches(x, 3, seed=0, epoch=0, start=2)), epoch0[2])
+    with pytest.raises(data.DataError, match="exceeds"):
+        next(data.batches(x, 11, seed=0, epoch=0))

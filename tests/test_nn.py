@@ -1,0 +1,91 @@
+"""Each pure layer against torch.nn at the same weights (through functional_call)."""
+
+import torch
+from torch import nn as tnn
+from torch.func import functional_call
+
+from gen import nn
+from gen.tree import take, with_prefix
+
+
+def generator(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_linear_matches_torch_and_init_bounds():
+    params = nn.linear_init(generator(), 30, 7)
+    x = torch.randn(5, 30)
+    module = tnn.Linear(30, 7)
+    torch.testing.assert_close(nn.linear(params, x), functional_call(module, params, (x,)))
+    bound = 1 / 30 ** 0.5
+    assert params["weight"].abs().max() <= bound and params["weight"].abs().max() > 0.8 * bound
+    assert "bias" not in nn.linear_init(generator(), 3, 2, bias=False)
+
+
+def test_same_seed_same_params_and_other_seed_differs():
+    a, b, c = nn.linear_init(generator(1), 4, 3), nn.linear_init(generator(1), 4, 3), nn.linear_init(generator(2), 4, 3)
+    assert torch.equal(a["weight"], b["weight"]) and not torch.equal(a["weight"], c["weight"])
+
+
+def test_init_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    nn.conv2d_init(generator(), 3, 8, 4)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_conv2d_and_conv_transpose2d_match_torch():
+    x = torch.randn(2, 3, 14, 14)
+    params = nn.conv2d_init(generator(), 3, 8, 4)
+    module = tnn.Conv2d(3, 8, 4, stride=2, padding=1)
+    torch.testing.assert_close(nn.conv2d(params, x, stride=2, padding=1), functional_call(module, params, (x,)))
+    params = nn.conv_transpose2d_init(generator(), 3, 5, 4, bias=False)
+    module = tnn.ConvTranspose2d(3, 5, 4, stride=2, padding=1, bias=False)
+    y = nn.conv_transpose2d(params, x, stride=2, padding=1)
+    assert y.shape == (2, 5, 28, 28)
+    torch.testing.assert_close(y, functional_call(module, params, (x,)))
+    # torch's fan-in for a transposed conv weight (in, out, k, k) is out * k * k
+    assert params["weight"].abs().max() <= 1 / (5 * 16) ** 0.5
+
+
+def test_batch_norm_matches_torch_in_training_and_eval():
+    params, state = nn.batch_norm_init(6)
+    params = {"weight": torch.rand(6) + 0.5, "bias": torch.randn(6)}
+    module = tnn.BatchNorm2d(6)
+    module.load_state_dict({**params, **state, "num_batches_tracked": torch.tensor(0)})
+    for _ in range(3):
+        x = torch.randn(8, 6, 5, 5) * 3 + 1
+        y, state = nn.batch_norm(params, state, x, training=True)
+        torch.testing.assert_close(y, module.train()(x))
+        torch.testing.assert_close(state["running_mean"], module.running_mean)
+        torch.testing.assert_close(state["running_var"], module.running_var)
+    x = torch.randn(4, 6, 5, 5)
+    y, same_state = nn.batch_norm(params, state, x, training=False)
+    torch.testing.assert_close(y, module.eval()(x))
+    assert same_state is state
+
+
+def test_batch_norm_does_not_mutate_its_state():
+    params, state = nn.batch_norm_init(3)
+    before = {k: v.clone() for k, v in state.items()}
+    nn.batch_norm(params, state, torch.randn(4, 3), training=True)
+    assert all(torch.equal(state[k], before[k]) for k in state)
+
+
+def test_spectral_normalize_converges_to_largest_singular_value():
+    weight = torch.randn(16, 8, generator=generator(3))
+    state = nn.spectral_norm_init(generator(4), weight)
+    for _ in range(50):
+        normalized, state = nn.spectral_normalize(weight, state)
+    sigma = torch.linalg.matrix_norm(weight, ord=2)
+    torch.testing.assert_close(weight / normalized, torch.full_like(weight, sigma.item()), rtol=1e-4, atol=1e-4)
+    assert abs(torch.linalg.matrix_norm(normalized, ord=2).item() - 1) < 1e-4
+
+
+def test_prefix_and_take_are_inverse():
+    params = nn.linear_init(generator(), 2, 3)
+    model = {**with_prefix("encoder.fc", params), **with_prefix("decoder.fc", nn.linear_init(generator(), 3, 2))}
+    assert list(model) == ["encoder.fc.weight", "encoder.fc.bias", "decoder.fc.weight", "decoder.fc.bias"]
+    assert take(model, "encoder.fc").keys() == params.keys()
+    assert torch.equal(take(model, "encoder.fc")["weight"], params["weight"])

@@ -1,0 +1,147 @@
+"""VAE losses against closed forms, torch.distributions and the pytorch/examples module."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn as tnn
+from torch.distributions import Bernoulli, Normal, kl_divergence
+
+from gen import models, vae
+from gen.config import Config, resolve
+
+
+def config_for(model="vae", **overrides):
+    return resolve(Config(model=model, **overrides), models.get(model).defaults)
+
+
+def test_gaussian_kl_matches_torch_distributions():
+    mean, log_variance = torch.randn(5, 7), torch.randn(5, 7)
+    q = Normal(mean, torch.exp(0.5 * log_variance))
+    p = Normal(torch.zeros(5, 7), torch.ones(5, 7))
+    torch.testing.assert_close(vae.gaussian_kl(mean, log_variance), kl_divergence(q, p).sum(-1))
+
+
+def test_log_densities_match_torch_distributions():
+    z, mean, log_variance = torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 3)
+    expected = Normal(mean, torch.exp(0.5 * log_variance)).log_prob(z).sum(-1)
+    torch.testing.assert_close(vae.gaussian_log_density(z, mean, log_variance), expected)
+    logits, x = torch.randn(4, 1, 2, 2), torch.randint(0, 2, (4, 1, 2, 2)).float()
+    torch.testing.assert_close(vae.bernoulli_log_likelihood(logits, x),
+                               Bernoulli(logits=logits).log_prob(x).sum((1, 2, 3)))
+
+
+class ExamplesVAE(tnn.Module):
+    """pytorch/examples vae/main.py, with the noise passed in instead of drawn."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc21, self.fc22 = tnn.Linear(784, 400), tnn.Linear(400, 20), tnn.Linear(400, 20)
+        self.fc3, self.fc4 = tnn.Linear(20, 400), tnn.Linear(400, 784)
+
+    def forward(self, x, eps):
+        h1 = F.relu(self.fc1(x.view(-1, 784)))
+        mu, logvar = self.fc21(h1), self.fc22(h1)
+        z = mu + eps * torch.exp(0.5 * logvar)
+        recon = torch.sigmoid(self.fc4(F.relu(self.fc3(z))))
+        bce = F.binary_cross_entropy(recon, x.view(-1, 784), reduction="sum")
+        kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+        return bce + kld
+
+
+NAME_MAP = {"fc1": "encoder.hidden", "fc21": "encoder.mean", "fc22": "encoder.log_variance",
+            "fc3": "decoder.hidden", "fc4": "decoder.output"}
+
+
+def test_mlp_vae_loss_and_gradients_match_pytorch_examples_module():
+    config = config_for("vae")
+    state = vae.init(config, (1, 28, 28), seed=0)
+    params = state["params"]
+    module = ExamplesVAE()
+    module.load_state_dict({f"{old}.{p}": params[f"{new}.{p}"] for old, new in NAME_MAP.items()
+                            for p in ("weight", "bias")})
+    x, eps = torch.rand(16, 1, 28, 28), torch.randn(16, 20)
+    reference = module(x, eps)
+    loss = vae.objective(config, (1, 28, 28))(params, x, eps)["loss"].sum()
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-3)
+    reference.backward()
+    grads = torch.func.grad(lambda p: vae.objective(config, (1, 28, 28))(p, x, eps)["loss"].sum())(params)
+    torch.testing.assert_close(grads["encoder.hidden.weight"], module.fc1.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grads["decoder.output.bias"], module.fc4.bias.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_mlp_vae_has_the_pytorch_examples_parameter_count():
+    state = vae.init(config_for("vae"), (1, 28, 28), seed=0)
+    assert sum(p.numel() for p in state["params"].values()) == sum(p.numel() for p in ExamplesVAE().parameters())
+
+
+def test_beta_scales_only_the_kl_term():
+    config, shape = config_for("vae"), (1, 8, 8)
+    params = vae.init(config, shape, 0)["params"]
+    x, eps = torch.rand(4, *shape), torch.randn(4, 20)
+    plain = vae.objective(config, shape)(params, x, eps)
+    weighted = vae.objective(config_for("vae", beta=4.0), shape)(params, x, eps)
+    torch.testing.assert_close(weighted["loss"], plain["reconstruction"] + 4.0 * plain["kl"])
+
+
+def test_iwae_matches_a_loop_over_samples_and_is_the_elbo_at_k1():
+    config, shape = config_for("vae", iwae_k=5), (1, 8, 8)
+    params = vae.init(config, shape, 0)["params"]
+    x, eps = torch.rand(3, *shape).round(), torch.randn(5, 3, 20)
+    bound = vae.objective(config, shape)(params, x, eps)["loss"]
+    # Independent computation with torch.distributions, one sample at a time.
+    mean, log_variance = vae.mlp_encode(params, x)
+    q = Normal(mean, torch.exp(0.5 * log_variance))
+    log_weights = []
+    for eps_i in eps:
+        z = mean + torch.exp(0.5 * log_variance) * eps_i
+        logits = vae.mlp_decode(params, z, shape)
+        log_weights.append(Bernoulli(logits=logits).log_prob(x).sum((1, 2, 3))
+                           + Normal(0.0, 1.0).log_prob(z).sum(-1) - q.log_prob(z).sum(-1))
+    expected = -(torch.logsumexp(torch.stack(log_weights), 0) - math.log(5))
+    torch.testing.assert_close(bound, expected, rtol=1e-5, atol=1e-4)
+    # k = 1: the bound is the single-sample ELBO with a Monte Carlo KL estimate.
+    one = vae.negative_iwae_bound(vae.mlp_encode, lambda p, z: vae.mlp_decode(p, z, shape), params, x, eps[:1])
+    torch.testing.assert_close(one["loss"], -log_weights[0])
+
+
+def test_iwae_bound_tightens_with_k():
+    config, shape = config_for("vae"), (1, 8, 8)
+    params = vae.init(config, shape, 0)["params"]
+    x = torch.rand(64, *shape)
+    decode = lambda p, z: vae.mlp_decode(p, z, shape)  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    losses = [vae.negative_iwae_bound(vae.mlp_encode, decode, params, x, torch.randn(k, 64, 20, generator=g))
+              ["loss"].mean().item() for k in (1, 10, 100)]
+    assert losses[0] > losses[1] > losses[2]  # -L_1 >= -L_10 >= -L_100 on average
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28)])
+def test_conv_vae_shapes(shape):
+    config = config_for("conv-vae")
+    params = vae.init(config, shape, 0)["params"]
+    mean, log_variance = vae.conv_encode(params, torch.rand(3, *shape))
+    assert mean.shape == log_variance.shape == (3, 20)
+    assert vae.conv_decode(params, mean, shape).shape == (3, *shape)
+
+
+@pytest.mark.parametrize("model", ["vae", "conv-vae"])
+def test_training_steps_lower_the_loss(model):
+    config, shape = config_for(model, lr=3e-3), (1, 8, 8)
+    state = vae.init(config, shape, 0)
+    step = vae.make_step(config, shape)
+    patterns = torch.rand(4, *shape, generator=torch.Generator().manual_seed(1)).round()
+    x = patterns.repeat(8, 1, 1, 1)  # 4 images to learn: the loss can fall far below random data's 64 ln 2
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(30):
+        state, metrics = step(state, x, vae.make_noise(config, shape, 32, g))
+        losses.append(metrics["loss"].item())
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_noise_shapes_follow_k():
+    g = torch.Generator().manual_seed(0)
+    assert vae.make_noise(config_for("vae"), (1, 8, 8), 7, g)["eps"].shape == (7, 20)
+    assert vae.make_noise(config_for("vae", iwae_k=3), (1, 8, 8), 7, g)["eps"].shape == (3, 7, 20)
