@@ -1,0 +1,101 @@
+"""The training loop: compiled once and equal to eager, exact resume, interruption, run folder."""
+
+import json
+
+import pytest
+import torch
+
+from gen import checkpoint, rng, train as training
+from gen.config import Config
+
+
+def rows(path):
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_compiled_step_builds_one_graph_and_matches_eager(tmp_path):
+    """Compilation is what this test is about, so it compiles (about 20-30 s on 2 cores)."""
+    torch._dynamo.reset()
+    config = Config(model="vae", epochs=3, log_every=5, sample_every=10)
+    compiled = training.train(config, tmp_path / "compiled", show_progress=False)
+    eager = training.train(Config(**{**config.to_dict(), "compile": False}), tmp_path / "eager", show_progress=False)
+    # 33 steps, 3 evaluations and 3 sample grids in between: still one graph.
+    assert compiled["graphs_compiled"] == 1 and eager["graphs_compiled"] == 0
+    compiled_rows, eager_rows = rows(tmp_path / "compiled"), rows(tmp_path / "eager")
+    assert [r["step"] for r in compiled_rows] == [r["step"] for r in eager_rows]
+    for a, b in zip(compiled_rows, eager_rows):
+        for name in ("loss", "reconstruction", "kl", "test_loss"):
+            if name in a:
+                assert a[name] == pytest.approx(b[name], rel=1e-3, abs=1e-3), (a["step"], name)
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    config = Config(model="vae", steps=30, log_every=5, compile=False)
+    training.train(config, tmp_path / "straight", show_progress=False)
+    half = Config(**{**config.to_dict(), "steps": 15})
+    training.train(half, tmp_path / "resumed", show_progress=False)
+    training.train(config, tmp_path / "resumed", resume=True, show_progress=False)
+    straight, _ = checkpoint.load(tmp_path / "straight" / training.CHECKPOINT)
+    resumed, metadata = checkpoint.load(tmp_path / "resumed" / training.CHECKPOINT)
+    assert metadata["step"] == 30
+    for name, tensor in straight["params"].items():
+        assert torch.equal(tensor, resumed["params"][name]), name
+    assert torch.equal(straight["opt_state"]["count"], resumed["opt_state"]["count"])
+    losses = lambda r: [(x["step"], x["loss"]) for x in r if "loss" in x]  # noqa: E731
+    assert losses(rows(tmp_path / "straight")) == losses(rows(tmp_path / "resumed"))
+
+
+def test_interrupt_saves_a_valid_resume_point(tmp_path, monkeypatch):
+    original = rng.generator
+
+    def interrupt_at_step_7(seed, *path, **kwargs):
+        if path == ("noise", 7):
+            raise KeyboardInterrupt
+        return original(seed, *path, **kwargs)
+
+    monkeypatch.setattr(training.rng, "generator", interrupt_at_step_7)
+    config = Config(model="vae", steps=20, compile=False)
+    with pytest.raises(KeyboardInterrupt, match="interrupted at step 7"):
+        training.train(config, tmp_path, show_progress=False)
+    assert checkpoint.read_metadata(tmp_path / training.CHECKPOINT)["step"] == 7
+    monkeypatch.setattr(training.rng, "generator", original)
+    summary = training.train(config, tmp_path, resume=True, show_progress=False)
+    assert summary["final"]["step"] == 20
+
+
+def test_run_folder_holds_everything_a_run_promises(tmp_path):
+    summary = training.train(Config(model="conv-vae", epochs=2, log_every=4, compile=False), tmp_path,
+                             show_progress=False)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"checkpoint.safetensors", "config.json", "metrics.jsonl", "samples.png", "loss.png"} <= names
+    logged = rows(tmp_path)
+    assert all({"step", "epoch", "loss", "samples_per_s"} <= set(r) for r in logged if "loss" in r)
+    assert [r["step"] for r in logged if "test_loss" in r] == [11, 22]  # one evaluation per epoch
+    assert json.loads((tmp_path / "config.json").read_text())["hidden_dim"] == 256  # family default resolved
+    assert summary["evaluation"]["test_loss"] < logged[0]["loss"]
+    from PIL import Image
+    assert Image.open(tmp_path / "samples.png").size == (8 * 9 * 8, 8 * 9 * 8)  # 8x8 grid, 8x upscaled
+
+
+def test_refuses_to_overwrite_a_run_or_resume_nothing(tmp_path):
+    config = Config(model="vae", steps=2, compile=False)
+    training.train(config, tmp_path, show_progress=False)
+    with pytest.raises(ValueError, match="already holds a checkpoint"):
+        training.train(config, tmp_path, show_progress=False)
+    with pytest.raises(ValueError, match="already trained for 2 steps"):
+        training.train(config, tmp_path, resume=True, show_progress=False)
+    with pytest.raises(ValueError, match="nothing to resume"):
+        training.train(config, tmp_path / "other", resume=True, show_progress=False)
+
+
+@pytest.mark.parametrize("config, message", [
+    (Config(model="vae", data="ring8"), "trains on images"),
+    (Config(model="vae", batch_size=5000), "exceeds"),
+    (Config(model="vae", iwae_k=5, beta=2.0), "drop one of the two"),
+    (Config(model="vae", epochs=0), "--epochs must be at least 1"),
+    (Config(model="nope"), "unknown model 'nope'"),
+])
+def test_bad_configs_are_one_line_value_errors(tmp_path, config, message):
+    with pytest.raises(ValueError, match=message) as error:
+        training.train(config, tmp_path, show_progress=False)
+    assert "\n" not in str(error.value)
