@@ -1,0 +1,135 @@
+"""The command line end to end: gen train / sample / info, and a one-line error for every bad input."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from cli import app
+from gen import data
+
+ROOT = Path(__file__).resolve().parent.parent
+runner = CliRunner()
+
+
+def gen(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, fragment):
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
+    assert "Traceback" not in result.output
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "vae-run"
+    result = gen("train", "vae", "--steps", 25, "--no-compile", "--no-progress", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "trained 25 steps" in result.output and "test_loss" in result.output
+    return out
+
+
+def test_train_writes_the_run_folder(run):
+    for name in ("checkpoint.safetensors", "config.json", "metrics.jsonl", "samples.png", "loss.png"):
+        assert (run / name).stat().st_size > 0, name
+
+
+def test_sample_png_and_raw_safetensors(run, tmp_path):
+    assert gen("sample", run, "--n", 16, "--out", tmp_path / "grid.png").exit_code == 0
+    assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert gen("sample", run / "checkpoint.safetensors", "--n", 10, "--out", tmp_path / "raw.safetensors").exit_code == 0
+    samples = load_file(tmp_path / "raw.safetensors")["samples"]
+    assert samples.shape == (10, 1, 8, 8) and 0 <= samples.min() and samples.max() <= 1
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_sampling_is_reproducible_by_seed(run, tmp_path):
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        gen("sample", run, "--n", 4, "--seed", seed, "--out", tmp_path / f"{name}.safetensors")
+    a, b, c = (load_file(tmp_path / f"{n}.safetensors")["samples"] for n in "abc")
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_info_prints_model_step_and_parameter_count(run):
+    result = gen("info", run)
+    assert result.exit_code == 0
+    assert "model:      vae" in result.output and "step:       25" in result.output
+    assert "parameters: 76,104" in result.output  # 64-400-20 MLP VAE on 8x8 digits
+
+
+def test_resume_extends_a_run(run, tmp_path):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for file in run.iterdir():
+        (copy / file.name).write_bytes(file.read_bytes())
+    result = gen("train", "vae", "--resume", "--out", copy, "--steps", 30, "--no-compile", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "trained 30 steps" in result.output
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["train", "nope"], "unknown model 'nope'"),
+    (["train", "vae", "--data", "nope"], "unknown data set 'nope'"),
+    (["train", "vae", "--data", "mnist", "--data-dir", "/nonexistent"], "mnist not found"),
+    (["train", "vae", "--data", "ring8"], "trains on images"),
+    (["train", "vae", "--batch-size", "5000"], "exceeds the 1500 training examples"),
+    (["train", "vae", "--beta", "4", "--iwae-k", "5"], "drop one of the two"),
+    (["train", "vae", "--lr", "-1"], "--lr must be positive"),
+    (["train", "vae", "--epochs", "2", "--steps", "3"], "not both"),
+    (["train", "vae", "--device", "tpu"], "unknown device 'tpu'"),
+    (["sample", "/nonexistent/run"], "does not exist"),
+    (["info", "/nonexistent/checkpoint.safetensors"], "does not exist"),
+])
+def test_bad_input_gets_one_line_error(args, fragment, tmp_path):
+    assert_one_line_error(gen(*args, "--no-progress", "--out", tmp_path / "out") if args[0] == "train"
+                          else gen(*args), fragment)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_request_without_cuda_is_an_error(tmp_path):
+    assert_one_line_error(gen("train", "vae", "--device", "cuda", "--out", tmp_path / "o"), "no CUDA device")
+
+
+def test_corrupt_checkpoint_is_refused_and_left_alone(run, tmp_path):
+    bad = tmp_path / "checkpoint.safetensors"
+    bad.write_bytes((run / "checkpoint.safetensors").read_bytes()[:100])
+    before = bad.read_bytes()
+    assert_one_line_error(gen("info", bad), "truncated or corrupt")
+    assert_one_line_error(gen("sample", bad, "--out", tmp_path / "x.png"), "truncated or corrupt")
+    assert_one_line_error(gen("train", "vae", "--resume", "--out", tmp_path, "--no-compile"), "truncated or corrupt")
+    assert bad.read_bytes() == before
+
+
+def test_existing_run_wrong_model_and_bad_output_name(run, tmp_path):
+    assert_one_line_error(gen("train", "vae", "--out", run, "--no-compile"), "already holds a checkpoint")
+    assert_one_line_error(gen("train", "conv-vae", "--resume", "--out", run), "holds a 'vae' run")
+    assert_one_line_error(gen("sample", run, "--out", tmp_path / "x.jpg"), "must end in .png or .safetensors")
+    assert_one_line_error(gen("sample", run, "--n", "0", "--out", tmp_path / "x.png"), "--n must be at least 1")
+
+
+def test_iwae_and_conv_vae_train_from_the_cli(tmp_path):
+    for model, extra in (("vae", ["--iwae-k", "4"]), ("conv-vae", [])):
+        result = gen("train", model, *extra, "--steps", 5, "--no-compile", "--no-progress", "--out", tmp_path / model)
+        assert result.exit_code == 0, result.output
+    assert "test_iwae_loss" in (tmp_path / "vae" / "metrics.jsonl").read_text()
+
+
+@pytest.mark.skipif(not data.FASHION_MNIST_SYSTEM_DIR.exists(), reason="dataset-fashion-mnist not installed")
+def test_train_on_real_fashion_mnist(tmp_path):
+    result = gen("train", "vae", "--data", "fashion-mnist", "--steps", 30, "--no-compile", "--no-progress",
+                 "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert "(1, 28, 28)" in gen("info", tmp_path).output
+
+
+def test_python_cli_py_is_the_same_program():
+    result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "--help"], capture_output=True, text=True,
+                            cwd=ROOT)
+    assert result.returncode == 0 and "train" in result.stdout and "sample" in result.stdout
