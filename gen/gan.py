@@ -1,0 +1,281 @@
+"""Generative adversarial networks: the original GAN (minimax and non-saturating
+losses), DCGAN, WGAN-GP and SNGAN, as four families sharing one training step.
+
+A generator G maps noise z ~ N(0, I) to data; a discriminator (a *critic* for
+WGAN) D maps data to one real number, a logit. Each step updates D on
+n_critic real batches (n_critic = 1 except WGAN-GP), then G once; every loss
+below is per example, in terms of D's logits, and the step minimises batch
+means. Images enter the networks in [-1, 1] (the tanh generator's range);
+2D points stay in data space.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+from torch.func import grad, grad_and_value, vmap
+
+from gen import dcgan, nn
+from gen.config import Config
+from gen.data import Dataset
+from gen.metrics import mode_coverage
+from gen.models import Family, make_optimizer
+from gen.tree import Params, Tree, take, with_prefix
+
+# --- losses: D(x) is a logit, σ(D(x)) the probability that x is real ---------------------
+
+
+def minimax_discriminator_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    """-log σ(D(x)) - log(1 - σ(D(G(z))))  (Goodfellow et al. 2014, eq. 1; log σ(-a) = -softplus(a))."""
+    return F.softplus(-real_logits) + F.softplus(fake_logits)
+
+
+def minimax_generator_loss(fake_logits: Tensor) -> Tensor:
+    """log(1 - σ(D(G(z)))): the minimax game's own generator objective, which saturates when D wins."""
+    return -F.softplus(fake_logits)
+
+
+def non_saturating_generator_loss(fake_logits: Tensor) -> Tensor:
+    """-log σ(D(G(z))): same fixed point, strong gradients early on (Goodfellow et al. 2014, §3)."""
+    return F.softplus(-fake_logits)
+
+
+def wasserstein_critic_loss(real_scores: Tensor, fake_scores: Tensor) -> Tensor:
+    """f(G(z)) - f(x): minimising it maximises the Kantorovich-Rubinstein estimate
+    W(p_r, p_g) ≈ E[f(x)] - E[f(G(z))] over critics f (Arjovsky et al. 2017, eq. 3)."""
+    return fake_scores - real_scores
+
+
+def wasserstein_generator_loss(fake_scores: Tensor) -> Tensor:
+    """-f(G(z))."""
+    return -fake_scores
+
+
+def hinge_discriminator_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    """max(0, 1 - D(x)) + max(0, 1 + D(G(z)))  (Lim & Ye 2017; Miyato et al. 2018, eq. 16)."""
+    return F.relu(1 - real_logits) + F.relu(1 + fake_logits)
+
+
+def hinge_generator_loss(fake_logits: Tensor) -> Tensor:
+    """-D(G(z))."""
+    return -fake_logits
+
+
+LOSSES = {  # name -> (discriminator loss, generator loss)
+    "minimax": (minimax_discriminator_loss, minimax_generator_loss),
+    "non-saturating": (minimax_discriminator_loss, non_saturating_generator_loss),
+    "wasserstein": (wasserstein_critic_loss, wasserstein_generator_loss),
+    "hinge": (hinge_discriminator_loss, hinge_generator_loss),
+}
+
+
+def gradient_penalty(critic, real: Tensor, fake: Tensor, epsilon: Tensor) -> Tensor:
+    """(‖∇_x̂ f(x̂)‖₂ - 1)², x̂ = ε x + (1 - ε) G(z), ε ~ U[0, 1]  (Gulrajani et al. 2017, Algorithm 1, line 8).
+
+    `critic(x) -> scores (B,)`. The per-example input gradient is
+    vmap(grad(critic on one example)); the step differentiates this again
+    with respect to the critic's parameters (a gradient of a gradient).
+    Deviation: the norm is sqrt(Σ g² + 1e-12), whose derivative exists at g = 0.
+    Returns (B,)."""
+    eps = epsilon.reshape(-1, *[1] * (real.ndim - 1))
+    interpolates = eps * real + (1 - eps) * fake
+    score_one = lambda x: critic(x.unsqueeze(0)).squeeze(0)  # noqa: E731  (one example -> scalar)
+    input_grads = vmap(grad(score_one))(interpolates)                   # (B, *shape)
+    norms = (input_grads.pow(2).flatten(1).sum(1) + 1e-12).sqrt()      # (B,)
+    return (norms - 1).pow(2)
+
+
+# --- MLP networks (2D points, or images flattened) -------------------------------------
+
+MLP_DEPTH = 3  # hidden layers in G and in D
+
+
+def mlp_generator_init(generator: torch.Generator, shape: tuple, latent_dim: int, hidden_dim: int):
+    sizes = [latent_dim] + [hidden_dim] * MLP_DEPTH
+    params = {}
+    for i, (fan_in, fan_out) in enumerate(zip(sizes, sizes[1:])):
+        params.update(with_prefix(f"hidden{i + 1}", nn.linear_init(generator, fan_in, fan_out)))
+    params.update(with_prefix("output", nn.linear_init(generator, hidden_dim, math.prod(shape))))
+    return params, {}
+
+
+def mlp_generator(params: Params, state: Params, z: Tensor, shape: tuple, training: bool):
+    """z → [Linear → ReLU] × depth → Linear; tanh into [-1, 1] for images, data space for points."""
+    h = z
+    for i in range(MLP_DEPTH):
+        h = F.relu(nn.linear(take(params, f"hidden{i + 1}"), h))
+    out = nn.linear(take(params, "output"), h).reshape(len(z), *shape)
+    return (torch.tanh(out) if len(shape) == 3 else out), state
+
+
+def mlp_discriminator_init(generator: torch.Generator, shape: tuple, hidden_dim: int, spectral: bool):
+    sizes = [math.prod(shape)] + [hidden_dim] * MLP_DEPTH
+    params = {}
+    for i, (fan_in, fan_out) in enumerate(zip(sizes, sizes[1:])):
+        params.update(with_prefix(f"hidden{i + 1}", nn.linear_init(generator, fan_in, fan_out)))
+    params.update(with_prefix("output", nn.linear_init(generator, hidden_dim, 1)))
+    layers = [f"hidden{i + 1}" for i in range(MLP_DEPTH)] + ["output"]
+    state = {f"{layer}.u": nn.spectral_norm_init(generator, params[f"{layer}.weight"])["u"]
+             for layer in layers} if spectral else {}
+    return params, state
+
+
+def mlp_discriminator(params: Params, state: Params, x: Tensor, training: bool):
+    """x → [Linear → LeakyReLU(0.2)] × depth → Linear → logit (B,); W/σ(W) in every layer for SNGAN."""
+    h = rearrange(x, "b ... -> b (...)")
+    for i in range(MLP_DEPTH):
+        layer, state = dcgan.spectral_weights(params, state, f"hidden{i + 1}", training)
+        h = F.leaky_relu(nn.linear(layer, h), 0.2)
+    layer, state = dcgan.spectral_weights(params, state, "output", training)
+    return nn.linear(layer, h)[:, 0], state
+
+
+# --- which networks each family uses -------------------------------------------------
+
+
+def uses_convolutions(config: Config, shape: tuple) -> bool:
+    """DCGAN always; WGAN-GP and SNGAN on images; the plain GAN never (an MLP on flattened pixels)."""
+    return len(shape) == 3 and config.model != "gan"
+
+
+def networks_init(config: Config, shape: tuple, generator: torch.Generator):
+    """((G params, G state), (D params, D state)) for the family and data shape."""
+    if uses_convolutions(config, shape):
+        norm = {"dcgan": "batch", "wgan-gp": "none", "sngan": "spectral"}[config.model]
+        return (dcgan.generator_init(generator, shape, config.latent_dim),
+                dcgan.discriminator_init(generator, shape, norm))
+    return (mlp_generator_init(generator, shape, config.latent_dim, config.hidden_dim),
+            mlp_discriminator_init(generator, shape, config.hidden_dim, spectral=config.model == "sngan"))
+
+
+def networks(config: Config, shape: tuple):
+    """The apply functions (G(params, state, z, training), D(params, state, x, training))."""
+    if uses_convolutions(config, shape):
+        return (lambda p, s, z, training: dcgan.generator(p, s, z, shape, training)), dcgan.discriminator
+    return (lambda p, s, z, training: mlp_generator(p, s, z, shape, training)), mlp_discriminator
+
+
+# --- the family: init, step, noise, sampling, evaluation -----------------------------
+
+
+def init(config: Config, shape: tuple, seed: int) -> Tree:
+    generator = torch.Generator().manual_seed(seed)
+    (g_params, g_state), (d_params, d_state) = networks_init(config, shape, generator)
+    optimizer = make_optimizer(config)
+    return {
+        "params": {**with_prefix("generator", g_params), **with_prefix("discriminator", d_params)},
+        "opt_state": {"generator": optimizer.init(g_params), "discriminator": optimizer.init(d_params)},
+        "model_state": {**with_prefix("generator", g_state), **with_prefix("discriminator", d_state)},
+    }
+
+
+def batches_per_step(config: Config) -> int:
+    return config.n_critic or 1
+
+
+def make_step(config: Config, shape: tuple):
+    optimizer = make_optimizer(config)
+    apply_generator, apply_discriminator = networks(config, shape)
+    discriminator_loss, generator_loss = LOSSES[config.gan_loss]
+    n_critic = batches_per_step(config)
+    penalised = config.model == "wgan-gp"
+    is_image = len(shape) == 3
+
+    def discriminator_objective(d_params, d_state, real, fake, epsilon):
+        real_logits, d_state = apply_discriminator(d_params, d_state, real, True)
+        fake_logits, d_state = apply_discriminator(d_params, d_state, fake, True)
+        loss = discriminator_loss(real_logits, fake_logits)                  # (B,)
+        metrics = {"d_loss": loss.mean(), "d_real": real_logits.mean(), "d_fake": fake_logits.mean()}
+        if penalised:
+            # L = E[f(G(z)) - f(x)] + λ E[(‖∇f(x̂)‖ - 1)²]  (WGAN-GP, Algorithm 1)
+            critic = lambda x: apply_discriminator(d_params, d_state, x, True)[0]  # noqa: E731
+            penalty = gradient_penalty(critic, real, fake, epsilon)
+            loss = loss + config.gp_weight * penalty
+            metrics["gradient_penalty"] = penalty.mean()
+        return loss.mean(), (metrics, d_state)
+
+    def generator_objective(g_params, g_state, d_params, d_state, z):
+        fake, g_state = apply_generator(g_params, g_state, z, True)
+        fake_logits, d_state = apply_discriminator(d_params, d_state, fake, True)
+        loss = generator_loss(fake_logits).mean()
+        return loss, ({"g_loss": loss}, g_state, d_state)
+
+    def step(state: Tree, batch: Tensor, inputs: dict[str, Tensor]) -> tuple[Tree, dict[str, Tensor]]:
+        g_params, d_params = take(state["params"], "generator"), take(state["params"], "discriminator")
+        g_state, d_state = take(state["model_state"], "generator"), take(state["model_state"], "discriminator")
+        g_opt, d_opt = state["opt_state"]["generator"], state["opt_state"]["discriminator"]
+        real_batches = batch.reshape(n_critic, -1, *shape)
+        if is_image:
+            real_batches = real_batches * 2 - 1                                # [0, 1] → tanh's [-1, 1]
+        for k in range(n_critic):  # unrolled when compiled: n_critic is fixed for the run
+            # G is a constant here: D's gradient does not flow into it, so no detach is needed.
+            fake, _ = apply_generator(g_params, g_state, inputs["z_discriminator"][k], True)
+            epsilon = inputs["epsilon"][k] if penalised else None
+            grads, (_, (metrics, d_state)) = grad_and_value(discriminator_objective, has_aux=True)(
+                d_params, d_state, real_batches[k], fake, epsilon)
+            d_params, d_opt = optimizer.update(grads, d_opt, d_params)
+        grads, (_, (g_metrics, g_state, d_state)) = grad_and_value(generator_objective, has_aux=True)(
+            g_params, g_state, d_params, d_state, inputs["z_generator"])
+        g_params, g_opt = optimizer.update(grads, g_opt, g_params)
+        new_state = {
+            "params": {**with_prefix("generator", g_params), **with_prefix("discriminator", d_params)},
+            "opt_state": {"generator": g_opt, "discriminator": d_opt},
+            "model_state": {**with_prefix("generator", g_state), **with_prefix("discriminator", d_state)},
+        }
+        return new_state, {**metrics, **g_metrics}
+
+    return step
+
+
+def make_noise(config: Config, shape: tuple, batch_size: int, generator: torch.Generator) -> dict[str, Tensor]:
+    """z for each critic update (n_critic, B, latent), z for the generator update (B, latent),
+    and for WGAN-GP the interpolation weights ε ~ U[0, 1] (n_critic, B)."""
+    n_critic = batches_per_step(config)
+    noise = {"z_discriminator": torch.randn(n_critic, batch_size, config.latent_dim, generator=generator),
+             "z_generator": torch.randn(batch_size, config.latent_dim, generator=generator)}
+    if config.model == "wgan-gp":
+        noise["epsilon"] = torch.rand(n_critic, batch_size, generator=generator)
+    return noise
+
+
+@torch.no_grad()
+def generate(state: Tree, config: Config, shape: tuple, n: int, generator: torch.Generator) -> Tensor:
+    """G(z), z ~ N(0, I), batch norm on its running statistics: images in [0, 1], points in data space."""
+    params = take(state["params"], "generator")
+    device = next(iter(params.values())).device
+    z = torch.randn(n, config.latent_dim, generator=generator).to(device)
+    apply_generator, _ = networks(config, shape)
+    samples, _ = apply_generator(params, take(state["model_state"], "generator"), z, False)
+    return (samples + 1) / 2 if len(shape) == 3 else samples
+
+
+def evaluate(state: Tree, config: Config, dataset: Dataset, seed: int) -> dict[str, float]:
+    """Mode coverage of `config.eval_samples` samples on a Gaussian mixture (gen/metrics.py); {} otherwise."""
+    if dataset.modes is None:
+        return {}
+    generator = torch.Generator().manual_seed(seed)
+    samples = generate(state, config, dataset.shape, config.eval_samples, generator)
+    return mode_coverage(samples, dataset.modes, dataset.mode_std)
+
+
+# Defaults for 2D mixtures (the grid25 experiment in docs/gan_results.md); the
+# image families use the DCGAN paper's Adam(2e-4, β1 = 0.5) and batch 128/64.
+TOY_DEFAULTS = {"steps": 20000, "batch_size": 256, "lr": 1e-4, "b1": 0.5, "b2": 0.999, "latent_dim": 8,
+                "hidden_dim": 256, "n_critic": 1}
+GAN = Family("gan", "GAN with MLP generator and discriminator (non-saturating or --gan-loss minimax)",
+             ("points", "image"), {**TOY_DEFAULTS, "gan_loss": "non-saturating"},
+             init, make_step, make_noise, generate, evaluate, batches_per_step)
+DCGAN = Family("dcgan", "DCGAN: 2 transposed convs with batch norm (G), 2 convs with batch norm (D)", ("image",),
+               {"epochs": 5, "batch_size": 64, "lr": 2e-4, "b1": 0.5, "b2": 0.999, "latent_dim": 100,
+                "gan_loss": "non-saturating", "n_critic": 1},
+               init, make_step, make_noise, generate, evaluate, batches_per_step)
+WGAN_GP = Family("wgan-gp", "WGAN-GP: Wasserstein critic with gradient penalty, n_critic critic steps per step",
+                 ("points", "image"), {**TOY_DEFAULTS, "lr": 1e-4, "b1": 0.5, "b2": 0.9, "n_critic": 5,
+                                       "gan_loss": "wasserstein"},
+                 init, make_step, make_noise, generate, evaluate, batches_per_step)
+SNGAN = Family("sngan", "SNGAN: spectrally normalised discriminator, hinge loss", ("points", "image"),
+               {**TOY_DEFAULTS, "gan_loss": "hinge"},
+               init, make_step, make_noise, generate, evaluate, batches_per_step)
+FAMILIES = [GAN, DCGAN, WGAN_GP, SNGAN]

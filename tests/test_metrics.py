@@ -1,0 +1,52 @@
+import math
+
+import pytest
+import torch
+
+from gen.data import mixture_modes
+from gen.metrics import mode_coverage
+
+
+def test_mode_coverage_counts_high_quality_samples_per_mode():
+    modes = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    std = 0.1  # high quality: closer than 0.3 to the nearest mode
+    samples = torch.cat([
+        torch.tensor([[0.2, 0.0]]).repeat(30, 1),    # mode 0: 30 high-quality samples
+        torch.tensor([[10.0, 0.25]]).repeat(19, 1),  # mode 1: 19, one short of captured
+        torch.tensor([[5.0, 5.0]]).repeat(51, 1),    # between modes: low quality
+    ])
+    result = mode_coverage(samples, modes, std, per_samples=100)  # 20 per 100 samples
+    assert result["modes_captured"] == 1
+    assert result["n_modes"] == 3
+    assert result["high_quality_pct"] == pytest.approx(49.0)
+    # mode frequencies among high-quality samples: (30, 19, 0) / 49
+    p = torch.tensor([30 / 49, 19 / 49])
+    assert result["reverse_kl"] == pytest.approx((p * torch.log(p * 3)).sum().item(), rel=1e-5)
+
+
+def test_threshold_scales_with_the_number_of_samples():
+    modes = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    samples = torch.cat([torch.zeros(40, 2), torch.tensor([[1.0, 0.0]]).repeat(39, 1), torch.full((4921, 2), 0.5)])
+    # 5,000 samples: 40 needed per mode (20 per 2,500)
+    assert mode_coverage(samples, modes, 0.01)["modes_captured"] == 1
+
+
+def test_real_data_captures_every_mode_with_about_99_percent_quality():
+    # P(‖x - μ‖ < 3σ) for a 2D isotropic Gaussian is 1 - exp(-9/2) ≈ 98.9%.
+    modes, std = mixture_modes("grid25")
+    generator = torch.Generator().manual_seed(0)
+    which = torch.randint(len(modes), (2500,), generator=generator)
+    samples = modes[which] + std * torch.randn(2500, 2, generator=generator)
+    result = mode_coverage(samples, modes, std)
+    assert result["modes_captured"] == 25
+    assert result["high_quality_pct"] == pytest.approx(100 * (1 - math.exp(-4.5)), abs=0.6)
+    assert result["reverse_kl"] < 0.02
+
+
+def test_collapsed_samples_capture_one_mode():
+    modes, std = mixture_modes("ring8")
+    samples = modes[3] + 0.001 * torch.randn(2500, 2, generator=torch.Generator().manual_seed(0))
+    result = mode_coverage(samples, modes, std)
+    assert result["modes_captured"] == 1
+    assert result["high_quality_pct"] == 100.0
+    assert result["reverse_kl"] == pytest.approx(math.log(8), rel=1e-5)
