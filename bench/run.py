@@ -1,0 +1,40 @@
+"""`gen bench` from a checkout, without the installed command:
+
+    python bench/run.py [MODEL ...] [--batch-size B ...] [--steps N] [--repeats R]
+                        [--mode compiled|eager|module|vmap-N ...] [--device auto|cpu|cuda]
+                        [--json FILE] [--no-compile-times]
+
+Both call gen.bench.main; see bench/README.md for what the columns mean.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere in the checkout
+
+from gen import bench  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="*", help=f"{' '.join(bench.MODELS)} (default all)")
+    parser.add_argument("--batch-size", type=int, action="append", help="batch sizes (repeatable)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds over the modes (median reported)")
+    parser.add_argument("--mode", action="append", help="compiled | eager | module | vmap-N (repeatable)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--json", default=None, help="also write the results as JSON")
+    parser.add_argument("--no-compile-times", action="store_true",
+                        help="skip the cold/warm compile measurements in fresh processes")
+    args = parser.parse_args()
+    try:
+        bench.main(models=args.models or None, batch_sizes=args.batch_size, steps=args.steps, repeats=args.repeats,
+                   device=args.device, json_path=args.json, modes=args.mode,
+                   measure_compile=not args.no_compile_times)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()

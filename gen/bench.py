@@ -1,0 +1,419 @@
+"""Training throughput: gen's pure step compiled and eager, against an nn.Module peer.
+
+For every model and batch size, each mode's full training step is built,
+warmed up, and then timed in rounds: one repeat of every mode per round, the
+order rotating between rounds, so the drift of a shared machine hits all
+modes alike and their ratios stay meaningful (nanoGPT's bench.py: burn-in,
+then time, synchronising the device).
+
+    compiled   gen's pure step under torch.compile(fullgraph=True, dynamic=False)
+    eager      the same pure step, uncompiled
+    module     bench/peers.py: nn.Module + torch.optim written as pytorch/examples writes it
+    vmap-N     N independent models in one step: torch.compile(vmap(step)) over stacked states
+
+Data and noise are synthetic, drawn once onto the device as tensors (a small
+pool cycled through), so the numbers measure the step and nothing else; the
+peers draw their noise inside the step, as their scripts do. samples/s counts
+the real examples a step consumes (batch × batches per step × models).
+
+Compile time is measured in fresh Python processes (`python -m gen.bench
+--compile-probe ...`): *cold* with an empty TORCHINDUCTOR_CACHE_DIR, *warm*
+with the directory the cold process filled — what the first and the second
+run of `gen train` pay before the first step (torch/gen imports excluded,
+the first call's step included). The timed `compiled` mode itself uses the
+normal on-disk cache (TORCHINDUCTOR_CACHE_DIR, default /tmp/torchinductor_<user>),
+so a second `gen bench` compiles warm; its own first-call time is `compile_s`.
+"""
+
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+from typing import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from gen import models
+from gen.config import Config, resolve
+from gen.tree import Tree, to_device, tree_map
+
+# bench name -> (gen family, example shape, batch sizes timed by default)
+MODELS = {
+    "vae": ("vae", (1, 28, 28), (128, 512)),
+    "conv-vae": ("conv-vae", (1, 28, 28), (128,)),
+    "dcgan": ("dcgan", (1, 28, 28), (64,)),
+    "gan-2d": ("gan", (2,), (256,)),
+    "wgan-gp": ("wgan-gp", (2,), (256,)),
+}
+MODES = ("compiled", "eager", "module")
+POOL = 4  # distinct batches/noise draws cycled through, so no step sees the very same tensors twice in a row
+PEERS_DIR = Path(__file__).resolve().parent.parent / "bench"
+
+
+def compile_step(step: Callable) -> Callable:
+    """How gen's training loop compiles a step: one graph, static shapes."""
+    return torch.compile(step, fullgraph=True, dynamic=False)
+
+
+def resolve_device(name: str) -> torch.device:
+    from gen.train import resolve_device as train_resolve_device
+    return train_resolve_device(name)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --- the machine ---------------------------------------------------------------------
+
+
+def matmul_peak_gflops(device: torch.device | str, size: int | None = None, repeats: int = 7) -> float:
+    """float32 matmul GFLOP/s: the median of `repeats` timed (size × size) @ (size × size) products.
+
+    2·n³ FLOPs each; on CUDA TF32 stays at torch's default (off for matmul), so
+    this is the true float32 rate the models' own matmuls compete with."""
+    device = torch.device(device)
+    size = size or (8192 if device.type == "cuda" else 2048)
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=generator).to(device)
+    b = torch.randn(size, size, generator=generator).to(device)
+    out = torch.empty(size, size, device=device)
+    for _ in range(2):  # warm-up: thread pool, caches, clocks
+        torch.mm(a, b, out=out)
+    synchronize(device)
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        synchronize(device)
+        rates.append(2 * size ** 3 / (time.perf_counter() - start) / 1e9)
+    return median(rates)
+
+
+def machine() -> dict:
+    """What the numbers came from: CPU model, cores, threads, GPU, torch version, load."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}
+    if hasattr(os, "getloadavg"):
+        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+# --- one model's pieces ---------------------------------------------------------------
+
+
+def model_config(model: str, batch_size: int) -> tuple[models.Family, Config, tuple]:
+    family_name, shape, _ = MODELS[model]
+    family = models.get(family_name)
+    config = resolve(Config(model=family_name, batch_size=batch_size), family.defaults)
+    return family, config, shape
+
+
+def synthetic_inputs(family: models.Family, config: Config, shape: tuple, device: torch.device,
+                     seed: int = 0, models_stacked: int = 0) -> list[tuple]:
+    """POOL (batch, inputs) pairs on the device: images uniform in [0, 1], points N(0, I).
+
+    With `models_stacked` = N > 0 every tensor gains a leading axis of N (one
+    batch and one noise draw per ensemble member)."""
+    per_step = family.batches_per_step(config)
+    leading = (per_step,) if per_step > 1 else ()
+    pool = []
+    for index in range(POOL):
+        generator = torch.Generator().manual_seed(seed * 1000 + index)
+
+        def one_draw():
+            size = (*leading, config.batch_size, *shape)
+            batch = torch.rand(size, generator=generator) if len(shape) == 3 else torch.randn(size, generator=generator)
+            return batch, family.make_noise(config, shape, config.batch_size, generator)
+
+        if models_stacked:
+            draws = [one_draw() for _ in range(models_stacked)]
+            batch = torch.stack([d[0] for d in draws])
+            noise = {k: torch.stack([d[1][k] for d in draws]) for k in draws[0][1]}
+        else:
+            batch, noise = one_draw()
+        pool.append((batch.to(device), to_device(noise, device)))
+    return pool
+
+
+def flops_per_step(model: str, config: Config, shape: tuple, batch: int) -> int:
+    """FLOPs of one training step: FlopCounterMode over one eager step of gen's pure
+    step (every forward and backward pass it makes, gradient penalties included).
+
+    Counted are matmuls and convolutions (2 FLOPs per multiply-add); elementwise
+    work — activations, losses, batch norm and the optimizer's updates — is not,
+    as is usual for model FLOPs."""
+    family = models.get(MODELS[model][0])
+    config = resolve(Config(**{**config.to_dict(), "batch_size": batch}), family.defaults)
+    state = family.init(config, shape, 0)
+    (x, inputs), = synthetic_inputs(family, config, shape, torch.device("cpu"))[:1]
+    step = family.make_step(config, shape)
+    with FlopCounterMode(display=False) as counter:
+        step(state, x, inputs)
+    return counter.get_total_flops()
+
+
+# --- modes: each a function that advances its own copy of the training state n steps ----
+
+
+def load_peers():
+    """bench/peers.py, found next to the gen package (bench/ is not installed with it); None if absent."""
+    if not (PEERS_DIR / "peers.py").exists():
+        return None
+    if str(PEERS_DIR) not in sys.path:
+        sys.path.insert(0, str(PEERS_DIR))
+    import peers
+    return peers
+
+
+def stack_states(states: list[Tree]) -> Tree:
+    """N states → one state whose every leaf has a leading model axis of N."""
+    first = states[0]
+    return {k: stack_states([s[k] for s in states]) if isinstance(v, dict) else torch.stack([s[k] for s in states])
+            for k, v in first.items()}
+
+
+def make_runner(mode: str, model: str, config: Config, shape: tuple, device: torch.device,
+                seed: int = 0) -> Callable[[int], None]:
+    """`advance(n)`: run n training steps in this mode. The state lives in the closure and is
+    replaced (never mutated) each step; nothing is read back to the host."""
+    family = models.get(MODELS[model][0])
+    if mode == "module":
+        peer = load_peers().build(model, config, shape, device)
+        pool = [batch for batch, _ in synthetic_inputs(family, config, shape, device, seed)]
+
+        def advance_module(n: int) -> None:
+            for index in range(n):
+                peer.step(pool[index % POOL])
+        return advance_module
+
+    step = family.make_step(config, shape)
+    members = int(mode.split("-")[1]) if mode.startswith("vmap-") else 0
+    if members:
+        state = stack_states([to_device(family.init(config, shape, seed + i), device) for i in range(members)])
+        step = compile_step(torch.func.vmap(step))
+    else:
+        state = to_device(family.init(config, shape, seed), device)
+        step = compile_step(step) if mode == "compiled" else step
+    pool = synthetic_inputs(family, config, shape, device, seed, models_stacked=members)
+    holder = {"state": state}
+
+    def advance(n: int) -> None:
+        state = holder["state"]
+        for index in range(n):
+            batch, inputs = pool[index % POOL]
+            state, _ = step(state, batch, inputs)
+        holder["state"] = state
+    return advance
+
+
+def time_mode(advance: Callable[[int], None], steps: int, device: torch.device) -> float:
+    """Seconds for `steps` steps, the device synchronised before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    advance(steps)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: torch.cuda.max_memory_allocated since the last reset (per mode).
+    CPU: the process's maximum resident set size so far (ru_maxrss), which only grows."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2 ** 20
+
+
+# --- compile time in fresh processes ----------------------------------------------------
+
+
+def compile_probe(model: str, batch_size: int, device: str) -> float:
+    """Seconds from building the compiled step to the end of its first call (compile + one step)."""
+    family, config, shape = model_config(model, batch_size)
+    device = resolve_device(device)
+    state = to_device(family.init(config, shape, 0), device)
+    (batch, inputs), = synthetic_inputs(family, config, shape, device)[:1]
+    start = time.perf_counter()
+    step = compile_step(family.make_step(config, shape))
+    step(state, batch, inputs)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def compile_seconds(model: str, batch_size: int, device: torch.device) -> tuple[float, float]:
+    """(cold, warm): compile_probe in a fresh process with an empty inductor cache, then in
+    another fresh process reusing the cache the first one wrote."""
+    seconds = []
+    with tempfile.TemporaryDirectory(prefix="gen-bench-cache-") as cache_dir:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
+        for _ in ("cold", "warm"):
+            command = [sys.executable, "-m", "gen.bench", "--compile-probe", model, str(batch_size), device.type]
+            out = subprocess.run(command, env=env, capture_output=True, text=True, check=True,
+                                 cwd=str(Path(__file__).resolve().parent.parent))
+            seconds.append(json.loads(out.stdout.strip().splitlines()[-1])["seconds"])
+    return seconds[0], seconds[1]
+
+
+# --- the harness ----------------------------------------------------------------------
+
+
+def available_modes(modes: list[str] | None) -> list[str]:
+    modes = list(modes or MODES)
+    for mode in modes:
+        if mode not in MODES and not (mode.startswith("vmap-") and mode[5:].isdigit() and int(mode[5:]) > 0):
+            raise ValueError(f"unknown mode '{mode}': use compiled, eager, module or vmap-N (N models at once)")
+    if "module" in modes and load_peers() is None:
+        print(f"note: skipping mode 'module': the peers live in {PEERS_DIR}/peers.py, which is absent "
+              "(bench/ ships with the repository, not the installed package)")
+        modes.remove("module")
+    return modes
+
+
+def available_models(names: list[str] | None) -> list[str]:
+    names = list(names or MODELS)
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        raise ValueError(f"unknown bench model '{unknown[0]}': use one of {', '.join(MODELS)}")
+    registered = models.registry()
+    present = [n for n in names if MODELS[n][0] in registered]
+    for name in sorted(set(names) - set(present)):
+        print(f"note: skipping '{name}': model family '{MODELS[name][0]}' is not registered in gen.models")
+    return present
+
+
+def run(models_: list[str] | None, batch_sizes: list[int] | None, steps: int, repeats: int,
+        device: torch.device | str, modes: list[str] | None, warmup: int = 3,
+        measure_compile: bool = True, log: Callable[[str], None] = print) -> list[dict]:
+    """One result dict per (model, batch size, mode); see bench/README.md for the fields."""
+    device = torch.device(device)
+    modes = available_modes(modes)
+    names = available_models(models_)
+    peak = matmul_peak_gflops(device)
+    log(f"float32 matmul peak: {peak:.1f} GFLOP/s")
+    results = []
+    for model in names:
+        for batch_size in batch_sizes or MODELS[model][2]:
+            family, config, shape = model_config(model, batch_size)
+            per_step = family.batches_per_step(config)
+            flops = flops_per_step(model, config, shape, batch_size)
+            cold = warm = None
+            if measure_compile and any(m == "compiled" or m.startswith("vmap-") for m in modes):
+                log(f"{model} b{batch_size}: timing cold and warm compiles in fresh processes ...")
+                cold, warm = compile_seconds(model, batch_size, device)
+            runners, first_call, memory = {}, {}, {}
+            for mode in modes:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                runners[mode] = make_runner(mode, model, config, shape, device)
+                first_call[mode] = time_mode(runners[mode], 1, device)  # compiles the compiled modes
+                time_mode(runners[mode], warmup, device)
+                memory[mode] = peak_memory_mb(device)
+            log(f"{model} b{batch_size}: compiled, warmed up; timing {repeats} rounds of {steps} steps")
+            seconds = {mode: [] for mode in modes}
+            for round_index in range(repeats):
+                order = modes[round_index % len(modes):] + modes[:round_index % len(modes)]
+                for mode in order:
+                    seconds[mode].append(time_mode(runners[mode], steps, device))
+            for mode in modes:
+                members = int(mode[5:]) if mode.startswith("vmap-") else 1
+                samples = batch_size * per_step * members * steps
+                rates = [samples / s for s in seconds[mode]]
+                step_s = median(seconds[mode]) / steps
+                gflops = flops * members / step_s / 1e9
+                results.append({
+                    "model": model, "batch_size": batch_size, "mode": mode, "device": device.type,
+                    "batches_per_step": per_step, "models": members, "steps": steps, "repeats": repeats,
+                    "samples_per_s": median(rates), "samples_per_s_min": min(rates),
+                    "samples_per_s_max": max(rates), "ms_per_step": 1000 * step_s,
+                    "gflop_per_step": flops * members / 1e9, "gflops": gflops,
+                    "pct_of_peak": 100 * gflops / peak, "peak_gflops": peak,
+                    "first_call_s": first_call[mode],
+                    "cold_compile_s": cold if mode == "compiled" else None,
+                    "warm_compile_s": warm if mode == "compiled" else None,
+                    "peak_memory_mb": memory[mode],
+                    "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
+                })
+            del runners
+    return results
+
+
+def speedups(results: list[dict], reference: str = "module") -> dict[tuple, float]:
+    """(model, batch, mode) -> samples/s relative to the reference mode of the same row group."""
+    base = {(r["model"], r["batch_size"]): r["samples_per_s"] for r in results if r["mode"] == reference}
+    return {(r["model"], r["batch_size"], r["mode"]): r["samples_per_s"] / base[(r["model"], r["batch_size"])]
+            for r in results if (r["model"], r["batch_size"]) in base}
+
+
+def print_table(results: list[dict], machine_info: dict | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    ratio = speedups(results)
+    title = "gen bench"
+    if machine_info:
+        title += f" — {machine_info['cpu']}, {machine_info['cores']} cores, torch {machine_info['torch']}"
+    table = Table(title=title)
+    for column in ("model", "batch", "mode", "samples/s (min–max)", "× module", "ms/step", "GFLOP/s",
+                   "% peak", "compile cold/warm s", "first call s", "peak MB"):
+        table.add_column(column, justify="left" if column in ("model", "mode") else "right")
+    for r in results:
+        key = (r["model"], r["batch_size"], r["mode"])
+        compile_cell = (f"{r['cold_compile_s']:.1f} / {r['warm_compile_s']:.1f}"
+                        if r["cold_compile_s"] is not None else "")
+        table.add_row(r["model"], str(r["batch_size"]), r["mode"],
+                      f"{r['samples_per_s']:,.0f} ({r['samples_per_s_min']:,.0f}–{r['samples_per_s_max']:,.0f})",
+                      f"{ratio[key]:.2f}" if key in ratio else "", f"{r['ms_per_step']:.2f}",
+                      f"{r['gflops']:.1f}", f"{r['pct_of_peak']:.0f}%", compile_cell,
+                      f"{r['first_call_s']:.1f}", f"{r['peak_memory_mb']:.0f}")
+    console = Console()
+    console.print(table)
+    if results:
+        kind = "CUDA max allocated" if results[0]["peak_memory_kind"] == "cuda_max_allocated" else \
+            "process max RSS so far (CPU)"
+        console.print(f"peak MB: {kind}; float32 matmul peak {results[0]['peak_gflops']:.1f} GFLOP/s")
+
+
+def main(models: list[str] | None = None, batch_sizes: list[int] | None = None, steps: int = 20,
+         repeats: int = 5, device: str = "auto", json_path: str | None = None,
+         modes: list[str] | None = None, measure_compile: bool = True) -> list[dict]:
+    """What `gen bench` and `python bench/run.py` run: time, print a table, optionally write JSON."""
+    if steps < 1 or repeats < 1:
+        raise ValueError("--steps and --repeats must be at least 1")
+    if batch_sizes and any(b < 1 for b in batch_sizes):
+        raise ValueError("--batch-size must be at least 1")
+    torch_device = resolve_device(device)
+    info = machine()
+    results = run(models, batch_sizes, steps, repeats, torch_device, modes, measure_compile=measure_compile)
+    info["load_average_after"] = machine().get("load_average")
+    print_table(results, info)
+    if json_path:
+        Path(json_path).write_text(json.dumps({"machine": info, "results": results}, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    # The compile-time probe run by compile_seconds: python -m gen.bench --compile-probe MODEL BATCH DEVICE
+    if len(sys.argv) == 5 and sys.argv[1] == "--compile-probe":
+        print(json.dumps({"seconds": compile_probe(sys.argv[2], int(sys.argv[3]), sys.argv[4])}))
+    else:
+        sys.exit("usage: python -m gen.bench --compile-probe MODEL BATCH DEVICE (use `gen bench` to benchmark)")

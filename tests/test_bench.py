@@ -1,0 +1,107 @@
+"""The benchmark harness without torch.compile: FLOP counting, the nn.Module peers'
+parity with gen's losses (the proof they are the same models), and one end-to-end run."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from gen import bench
+from gen.tree import take
+
+peers = bench.load_peers()
+SHAPE = (1, 28, 28)
+
+
+def test_vae_flops_match_the_analytic_count():
+    # FlopCounterMode counts 2 FLOPs per multiply-add of each matmul (addmm, mm).
+    # Forward: 784→400, 400→20 twice (mean, log-variance), 20→400, 400→784.
+    # Backward: every layer's weight gradient (same FLOPs as its forward) and every
+    # layer's input gradient except the first (the data needs none).
+    batch = 32
+    _, config, shape = bench.model_config("vae", batch)
+    forward = 2 * batch * (784 * 400 + 400 * 40 + 20 * 400 + 400 * 784)
+    expected = 3 * forward - 2 * batch * 784 * 400
+    assert bench.flops_per_step("vae", config, shape, batch) == expected
+
+
+def gen_losses(model, batch_size, overrides=None, seed=0):
+    """gen's state, one batch, its noise and the metrics of one eager step on them."""
+    family, config, shape = bench.model_config(model, batch_size)
+    config = replace(config, **(overrides or {}))
+    state = family.init(config, shape, seed)
+    (batch, noise), = bench.synthetic_inputs(family, config, shape, torch.device("cpu"), seed)[:1]
+    _, metrics = family.make_step(config, shape)(state, batch, noise)
+    return family, config, shape, state, batch, noise, metrics
+
+
+@pytest.mark.parametrize("model, names", [("vae", "VAE_NAMES"), ("conv-vae", "CONV_VAE_NAMES")])
+def test_vae_peers_compute_gen_loss(model, names):
+    _, config, shape, state, batch, noise, metrics = gen_losses(model, 8)
+    peer = peers.build(model, config, shape, "cpu")
+    peers.load_gen_weights(peer.model, state["params"], getattr(peers, names))
+    # pytorch/examples sums over the batch; gen minimises the batch mean.
+    loss_sum = peer.step(batch, eps=noise["eps"])
+    torch.testing.assert_close(loss_sum / len(batch), metrics["loss"], rtol=1e-5, atol=1e-4)
+
+
+def load_gan(peer, state, depth=None):
+    g_names = peers.DCGAN_GENERATOR_NAMES if depth is None else peers.mlp_names(depth)
+    d_names = peers.DCGAN_DISCRIMINATOR_NAMES if depth is None else peers.mlp_names(depth)
+    for net, names, side in ((peer.netG, g_names, "generator"), (peer.netD, d_names, "discriminator")):
+        tensors = {**take(state["params"], side), **take(state["model_state"], side)}
+        peers.load_gen_weights(net, tensors, names)
+
+
+@pytest.mark.parametrize("model", ["dcgan", "gan-2d"])
+def test_gan_peers_compute_gen_losses(model):
+    _, config, shape, _, _, _, _ = gen_losses(model, 16)
+    family = bench.models.get(bench.MODELS[model][0])
+    state = family.init(config, shape, 0)
+    (batch, noise), = bench.synthetic_inputs(family, config, shape, torch.device("cpu"))[:1]
+    # The peer reuses one G(z) for the D and the G update, as pytorch/examples does; gen draws
+    # a second z for the G update. Give both the same z so the losses are comparable.
+    noise = {**noise, "z_generator": noise["z_discriminator"][0]}
+    _, metrics = family.make_step(config, shape)(state, batch, noise)
+    peer = peers.build(model, config, shape, "cpu")
+    load_gan(peer, state, None if model == "dcgan" else peers.mlp_depth())
+    d_loss, g_loss = peer.step(batch, noise["z_discriminator"][0])
+    torch.testing.assert_close(d_loss, metrics["d_loss"], rtol=1e-5, atol=1e-5)
+    # G's loss follows one Adam step of D on each side: equal up to that step's float noise.
+    torch.testing.assert_close(g_loss, metrics["g_loss"], rtol=1e-3, atol=1e-3)
+
+
+def test_wgan_gp_peer_computes_gen_losses():
+    family = bench.models.get("wgan-gp")
+    _, config, shape = bench.model_config("wgan-gp", 16)
+    config = replace(config, n_critic=1)  # one critic update: its loss is compared before any step
+    state = family.init(config, shape, 0)
+    (batch, noise), = bench.synthetic_inputs(family, config, shape, torch.device("cpu"))[:1]
+    _, metrics = family.make_step(config, shape)(state, batch, noise)
+    peer = peers.build("wgan-gp", config, shape, "cpu")
+    load_gan(peer, state, peers.mlp_depth())
+    d_loss, g_loss = peer.step(batch, noise)
+    expected = metrics["d_loss"] + config.gp_weight * metrics["gradient_penalty"]
+    torch.testing.assert_close(d_loss, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_loss, metrics["g_loss"], rtol=1e-3, atol=1e-3)
+
+
+def test_harness_runs_end_to_end_and_writes_json(tmp_path):
+    path = tmp_path / "bench.json"
+    results = bench.main(models=["vae"], batch_sizes=[16], steps=2, repeats=2, device="cpu",
+                         json_path=str(path), modes=["eager", "module"])
+    assert [(r["model"], r["batch_size"], r["mode"]) for r in results] == [("vae", 16, "eager"), ("vae", 16, "module")]
+    for r in results:
+        assert r["samples_per_s_min"] <= r["samples_per_s"] <= r["samples_per_s_max"]
+        assert r["ms_per_step"] > 0 and r["gflops"] > 0 and 0 < r["pct_of_peak"] and r["peak_memory_mb"] > 0
+        assert r["cold_compile_s"] is None  # nothing compiled in these modes
+    written = json.loads(path.read_text())
+    assert written["results"] == results and written["machine"]["torch"] == torch.__version__
+
+
+def test_unknown_mode_and_model_are_one_line_errors():
+    with pytest.raises(ValueError, match="unknown mode"):
+        bench.available_modes(["fast"])
+    with pytest.raises(ValueError, match="unknown bench model"):
+        bench.available_models(["gpt"])
