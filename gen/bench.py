@@ -266,11 +266,14 @@ def compile_seconds(model: str, batch_size: int, device: torch.device) -> tuple[
     seconds = []
     with tempfile.TemporaryDirectory(prefix="gen-bench-cache-") as cache_dir:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
-        for _ in ("cold", "warm"):
+        for attempt in ("cold", "warm"):
             command = [sys.executable, "-m", "gen.bench", "--compile-probe", model, str(batch_size), device.type]
             out = subprocess.run(command, env=env, capture_output=True, text=True, check=True,
                                  cwd=str(Path(__file__).resolve().parent.parent))
-            seconds.append(json.loads(out.stdout.strip().splitlines()[-1])["seconds"])
+            probe = json.loads(out.stdout.strip().splitlines()[-1])
+            if attempt == "warm" and not probe["cache"].get("inductor.fxgraph_cache_hit"):
+                print(f"note: {model} b{batch_size}: the warm compile missed the FX graph cache ({probe['cache']})")
+            seconds.append(probe["seconds"])
     return seconds[0], seconds[1]
 
 
@@ -414,6 +417,10 @@ def main(models: list[str] | None = None, batch_sizes: list[int] | None = None, 
 if __name__ == "__main__":
     # The compile-time probe run by compile_seconds: python -m gen.bench --compile-probe MODEL BATCH DEVICE
     if len(sys.argv) == 5 and sys.argv[1] == "--compile-probe":
-        print(json.dumps({"seconds": compile_probe(sys.argv[2], int(sys.argv[3]), sys.argv[4])}))
+        seconds = compile_probe(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+        from torch._dynamo.utils import counters
+        hits = {f"{group}.{name}": n for group in ("inductor", "aot_autograd") for name, n in counters[group].items()
+                if "cache" in name}
+        print(json.dumps({"seconds": seconds, "cache": hits}))
     else:
         sys.exit("usage: python -m gen.bench --compile-probe MODEL BATCH DEVICE (use `gen bench` to benchmark)")
