@@ -33,6 +33,7 @@ class Config:
     gan_loss: str | None = None      # minimax | non-saturating | wasserstein | hinge
     n_critic: int | None = None
     gp_weight: float = 10.0
+    pack: int | None = None          # PacGAN: the discriminator judges `pack` samples jointly
     # running
     compile: bool = True
     device: str = "auto"
@@ -70,6 +71,9 @@ def validate(config: Config) -> None:
                                                    "has no such term, so drop one of the two"),
         (config.optimizer in ("adam", "adamw", "sgd"), "--optimizer must be adam, adamw or sgd"),
         (config.n_critic is None or config.n_critic >= 1, "--n-critic must be at least 1"),
+        (config.pack is None or config.pack >= 1, "--pack must be at least 1"),
+        (config.pack in (None, 1) or (config.batch_size or 0) % config.pack == 0,
+         "--batch-size must be a multiple of --pack"),
         (config.log_every >= 1, "--log-every must be at least 1"),
         (config.sample_every >= 0, "--sample-every must be 0 (off) or positive"),
     ]

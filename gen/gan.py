@@ -140,21 +140,37 @@ def uses_convolutions(config: Config, shape: tuple) -> bool:
     return len(shape) == 3 and config.model != "gan"
 
 
+def packing(config: Config) -> int:
+    """PacGAN (Lin et al. 2018): D sees m samples at once, all real or all generated, concatenated.
+
+    A packed D can tell that m generated samples come from too few modes, which
+    penalises mode collapse; m = 1 is the ordinary GAN. MLP discriminators only."""
+    return config.pack or 1
+
+
 def networks_init(config: Config, shape: tuple, generator: torch.Generator):
     """((G params, G state), (D params, D state)) for the family and data shape."""
+    if packing(config) > 1 and (uses_convolutions(config, shape) or config.model == "wgan-gp"):
+        raise ValueError("--pack applies to the MLP discriminators of gan and sngan only")
     if uses_convolutions(config, shape):
         norm = {"dcgan": "batch", "wgan-gp": "none", "sngan": "spectral"}[config.model]
         return (dcgan.generator_init(generator, shape, config.latent_dim),
                 dcgan.discriminator_init(generator, shape, norm))
     return (mlp_generator_init(generator, shape, config.latent_dim, config.hidden_dim),
-            mlp_discriminator_init(generator, shape, config.hidden_dim, spectral=config.model == "sngan"))
+            mlp_discriminator_init(generator, (packing(config), *shape), config.hidden_dim,
+                                   spectral=config.model == "sngan"))
 
 
 def networks(config: Config, shape: tuple):
     """The apply functions (G(params, state, z, training), D(params, state, x, training))."""
     if uses_convolutions(config, shape):
         return (lambda p, s, z, training: dcgan.generator(p, s, z, shape, training)), dcgan.discriminator
-    return (lambda p, s, z, training: mlp_generator(p, s, z, shape, training)), mlp_discriminator
+    m = packing(config)
+
+    def packed_discriminator(params, state, x, training):
+        return mlp_discriminator(params, state, rearrange(x, "(b m) ... -> b (m ...)", m=m), training)
+
+    return (lambda p, s, z, training: mlp_generator(p, s, z, shape, training)), packed_discriminator
 
 
 # --- the family: init, step, noise, sampling, evaluation -----------------------------
@@ -164,11 +180,16 @@ def init(config: Config, shape: tuple, seed: int) -> Tree:
     generator = torch.Generator().manual_seed(seed)
     (g_params, g_state), (d_params, d_state) = networks_init(config, shape, generator)
     optimizer = make_optimizer(config)
-    return {
-        "params": {**with_prefix("generator", g_params), **with_prefix("discriminator", d_params)},
-        "opt_state": {"generator": optimizer.init(g_params), "discriminator": optimizer.init(d_params)},
-        "model_state": {**with_prefix("generator", g_state), **with_prefix("discriminator", d_state)},
-    }
+    return pack_state({**with_prefix("generator", g_params), **with_prefix("discriminator", d_params)},
+                      {"generator": optimizer.init(g_params), "discriminator": optimizer.init(d_params)},
+                      {**with_prefix("generator", g_state), **with_prefix("discriminator", d_state)})
+
+
+def pack_state(params: Params, opt_state: Tree, model_state: Params) -> Tree:
+    """The state tree; "model_state" only when there is some (batch norm, spectral norm): a
+    checkpoint flattens an empty dict away, and a resumed state must look like a fresh one."""
+    state = {"params": params, "opt_state": opt_state}
+    return {**state, "model_state": model_state} if model_state else state
 
 
 def batches_per_step(config: Config) -> int:
@@ -186,7 +207,7 @@ def make_step(config: Config, shape: tuple):
     def discriminator_objective(d_params, d_state, real, fake, epsilon):
         real_logits, d_state = apply_discriminator(d_params, d_state, real, True)
         fake_logits, d_state = apply_discriminator(d_params, d_state, fake, True)
-        loss = discriminator_loss(real_logits, fake_logits)                  # (B,)
+        loss = discriminator_loss(real_logits, fake_logits)                  # (B / pack,)
         metrics = {"d_loss": loss.mean(), "d_real": real_logits.mean(), "d_fake": fake_logits.mean()}
         if penalised:
             # L = E[f(G(z)) - f(x)] + λ E[(‖∇f(x̂)‖ - 1)²]  (WGAN-GP, Algorithm 1)
@@ -204,7 +225,8 @@ def make_step(config: Config, shape: tuple):
 
     def step(state: Tree, batch: Tensor, inputs: dict[str, Tensor]) -> tuple[Tree, dict[str, Tensor]]:
         g_params, d_params = take(state["params"], "generator"), take(state["params"], "discriminator")
-        g_state, d_state = take(state["model_state"], "generator"), take(state["model_state"], "discriminator")
+        model_state = state.get("model_state", {})
+        g_state, d_state = take(model_state, "generator"), take(model_state, "discriminator")
         g_opt, d_opt = state["opt_state"]["generator"], state["opt_state"]["discriminator"]
         real_batches = batch.reshape(n_critic, -1, *shape)
         if is_image:
@@ -219,11 +241,9 @@ def make_step(config: Config, shape: tuple):
         grads, (_, (g_metrics, g_state, d_state)) = grad_and_value(generator_objective, has_aux=True)(
             g_params, g_state, d_params, d_state, inputs["z_generator"])
         g_params, g_opt = optimizer.update(grads, g_opt, g_params)
-        new_state = {
-            "params": {**with_prefix("generator", g_params), **with_prefix("discriminator", d_params)},
-            "opt_state": {"generator": g_opt, "discriminator": d_opt},
-            "model_state": {**with_prefix("generator", g_state), **with_prefix("discriminator", d_state)},
-        }
+        new_state = pack_state({**with_prefix("generator", g_params), **with_prefix("discriminator", d_params)},
+                               {"generator": g_opt, "discriminator": d_opt},
+                               {**with_prefix("generator", g_state), **with_prefix("discriminator", d_state)})
         return new_state, {**metrics, **g_metrics}
 
     return step
@@ -247,7 +267,7 @@ def generate(state: Tree, config: Config, shape: tuple, n: int, generator: torch
     device = next(iter(params.values())).device
     z = torch.randn(n, config.latent_dim, generator=generator).to(device)
     apply_generator, _ = networks(config, shape)
-    samples, _ = apply_generator(params, take(state["model_state"], "generator"), z, False)
+    samples, _ = apply_generator(params, take(state.get("model_state", {}), "generator"), z, False)
     return (samples + 1) / 2 if len(shape) == 3 else samples
 
 
@@ -262,20 +282,22 @@ def evaluate(state: Tree, config: Config, dataset: Dataset, seed: int) -> dict[s
 
 # Defaults for 2D mixtures (the grid25 experiment in docs/gan_results.md); the
 # image families use the DCGAN paper's Adam(2e-4, β1 = 0.5) and batch 128/64.
-TOY_DEFAULTS = {"steps": 20000, "batch_size": 256, "lr": 1e-4, "b1": 0.5, "b2": 0.999, "latent_dim": 8,
-                "hidden_dim": 256, "n_critic": 1}
+# epochs, not steps, so that `--epochs N` can override it (Config refuses both); 50 epochs of
+# 100k points at batch 256 is about 19.5k steps.
+TOY_DEFAULTS = {"epochs": 50, "batch_size": 256, "lr": 1e-3, "b1": 0.5, "b2": 0.999, "latent_dim": 8,
+                "hidden_dim": 128, "n_critic": 1, "pack": 1}
 GAN = Family("gan", "GAN with MLP generator and discriminator (non-saturating or --gan-loss minimax)",
              ("points", "image"), {**TOY_DEFAULTS, "gan_loss": "non-saturating"},
              init, make_step, make_noise, generate, evaluate, batches_per_step)
 DCGAN = Family("dcgan", "DCGAN: 2 transposed convs with batch norm (G), 2 convs with batch norm (D)", ("image",),
                {"epochs": 5, "batch_size": 64, "lr": 2e-4, "b1": 0.5, "b2": 0.999, "latent_dim": 100,
-                "gan_loss": "non-saturating", "n_critic": 1},
+                "gan_loss": "non-saturating", "n_critic": 1, "pack": 1},
                init, make_step, make_noise, generate, evaluate, batches_per_step)
 WGAN_GP = Family("wgan-gp", "WGAN-GP: Wasserstein critic with gradient penalty, n_critic critic steps per step",
                  ("points", "image"), {**TOY_DEFAULTS, "lr": 1e-4, "b1": 0.5, "b2": 0.9, "n_critic": 5,
-                                       "gan_loss": "wasserstein"},
+                                       "epochs": 10, "gan_loss": "wasserstein"},
                  init, make_step, make_noise, generate, evaluate, batches_per_step)
 SNGAN = Family("sngan", "SNGAN: spectrally normalised discriminator, hinge loss", ("points", "image"),
-               {**TOY_DEFAULTS, "gan_loss": "hinge"},
+               {**TOY_DEFAULTS, "lr": 2e-4, "b1": 0.0, "b2": 0.9, "gan_loss": "hinge"},
                init, make_step, make_noise, generate, evaluate, batches_per_step)
 FAMILIES = [GAN, DCGAN, WGAN_GP, SNGAN]
