@@ -26,7 +26,6 @@ so a second `gen bench` compiles warm; its own first-call time is `compile_s`.
 """
 
 import json
-import math
 import os
 import platform
 import resource
@@ -43,7 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from gen import models
 from gen.config import Config, resolve
-from gen.tree import Tree, to_device, tree_map
+from gen.tree import Tree, to_device
 
 # bench name -> (gen family, example shape, batch sizes timed by default)
 MODELS = {
