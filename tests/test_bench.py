@@ -50,7 +50,7 @@ def load_gan(peer, state, depth=None):
     g_names = peers.DCGAN_GENERATOR_NAMES if depth is None else peers.mlp_names(depth)
     d_names = peers.DCGAN_DISCRIMINATOR_NAMES if depth is None else peers.mlp_names(depth)
     for net, names, side in ((peer.netG, g_names, "generator"), (peer.netD, d_names, "discriminator")):
-        tensors = {**take(state["params"], side), **take(state["model_state"], side)}
+        tensors = {**take(state["params"], side), **take(state.get("model_state", {}), side)}
         peers.load_gen_weights(net, tensors, names)
 
 
