@@ -77,8 +77,8 @@ def synchronize(device: torch.device) -> None:
 # --- the machine ---------------------------------------------------------------------
 
 
-def matmul_peak_gflops(device: torch.device | str, size: int | None = None, repeats: int = 7) -> float:
-    """float32 matmul GFLOP/s: the median of `repeats` timed (size × size) @ (size × size) products.
+def matmul_sampler(device: torch.device | str, size: int | None = None) -> Callable[[], float]:
+    """A function that times one float32 (size × size) @ (size × size) product and returns its GFLOP/s.
 
     2·n³ FLOPs each; on CUDA TF32 stays at torch's default (off for matmul), so
     this is the true float32 rate the models' own matmuls compete with."""
@@ -91,13 +91,19 @@ def matmul_peak_gflops(device: torch.device | str, size: int | None = None, repe
     for _ in range(2):  # warm-up: thread pool, caches, clocks
         torch.mm(a, b, out=out)
     synchronize(device)
-    rates = []
-    for _ in range(repeats):
+
+    def sample() -> float:
         start = time.perf_counter()
         torch.mm(a, b, out=out)
         synchronize(device)
-        rates.append(2 * size ** 3 / (time.perf_counter() - start) / 1e9)
-    return median(rates)
+        return 2 * size ** 3 / (time.perf_counter() - start) / 1e9
+    return sample
+
+
+def matmul_peak_gflops(device: torch.device | str, size: int | None = None, repeats: int = 7) -> float:
+    """float32 matmul GFLOP/s: the median of `repeats` timed square products (see matmul_sampler)."""
+    sample = matmul_sampler(device, size)
+    return median(sample() for _ in range(repeats))
 
 
 def machine() -> dict:
@@ -345,8 +351,11 @@ def run(models_: list[str] | None, batch_sizes: list[int] | None, steps: int, re
     device = torch.device(device)
     modes = available_modes(modes)
     names = available_models(models_)
-    peak = matmul_peak_gflops(device)
-    log(f"float32 matmul peak: {peak:.1f} GFLOP/s")
+    # The peak is sampled at the start and once in every timing round, so it sees the same
+    # machine load as the modes; rows get the median of all samples, filled in at the end.
+    sample_peak = matmul_sampler(device)
+    peak_samples = [sample_peak() for _ in range(7)]
+    log(f"float32 matmul peak: {median(peak_samples):.1f} GFLOP/s (at start)")
     results = []
     for model in names:
         for batch_size in batch_sizes or MODELS[model][2]:
@@ -371,6 +380,7 @@ def run(models_: list[str] | None, batch_sizes: list[int] | None, steps: int, re
                 order = modes[round_index % len(modes):] + modes[:round_index % len(modes)]
                 for mode in order:
                     seconds[mode].append(time_mode(runners[mode], steps, device))
+                peak_samples.append(sample_peak())
             for mode in modes:
                 members = int(mode[5:]) if mode.startswith("vmap-") else 1
                 samples = batch_size * per_step * members * steps
@@ -383,7 +393,7 @@ def run(models_: list[str] | None, batch_sizes: list[int] | None, steps: int, re
                     "samples_per_s": median(rates), "samples_per_s_min": min(rates),
                     "samples_per_s_max": max(rates), "ms_per_step": 1000 * step_s,
                     "gflop_per_step": flops * members / 1e9, "gflops": gflops,
-                    "pct_of_peak": 100 * gflops / peak, "peak_gflops": peak,
+                    "pct_of_peak": None, "peak_gflops": None,
                     "first_call_s": first_call[mode],
                     "cold_compile_s": cold if mode == "compiled" else None,
                     "warm_compile_s": warm if mode == "compiled" else None,
@@ -391,6 +401,9 @@ def run(models_: list[str] | None, batch_sizes: list[int] | None, steps: int, re
                     "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
                 })
             del runners
+    peak = median(peak_samples)
+    for r in results:
+        r["peak_gflops"], r["pct_of_peak"] = peak, 100 * r["gflops"] / peak
     return results
 
 
