@@ -50,8 +50,15 @@ def train(
     beta: Annotated[float, typer.Option(help="β-VAE weight on the KL term")] = 1.0,
     iwae_k: Annotated[int, typer.Option(help="importance samples for the IWAE bound (1: ELBO)")] = 1,
     latent_dim: Annotated[Optional[int], typer.Option(help="size of z")] = None,
-    gan_loss: Annotated[Optional[str], typer.Option(help="GAN: minimax | non-saturating")] = None,
+    lr_schedule: Annotated[str, typer.Option(help="constant | linear | cosine (decay to 0 over the run)")] = "constant",
+    hidden_dim: Annotated[Optional[int], typer.Option(help="width of the hidden layers (MLP models)")] = None,
+    gan_loss: Annotated[Optional[str], typer.Option(help="GAN: minimax | non-saturating | wasserstein | "
+                                                        "hinge")] = None,
     n_critic: Annotated[Optional[int], typer.Option(help="WGAN-GP: critic updates per generator update")] = None,
+    gp_weight: Annotated[float, typer.Option(help="WGAN-GP: gradient penalty weight λ")] = 10.0,
+    pack: Annotated[Optional[int], typer.Option(help="PacGAN: samples the discriminator judges jointly")] = None,
+    ema_decay: Annotated[float, typer.Option(help="GAN: decay of the generator's weight average, used for "
+                                                  "sampling (0: off)")] = 0.0,
     seed: Annotated[int, typer.Option(help="seed for init, data order and noise")] = 0,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the step")] = True,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
@@ -82,7 +89,9 @@ def train(
             data = data or ("grid25" if model in ("gan", "wgan-gp", "sngan") else "digits")
             config = Config(model=model, data=data, data_dir=data_dir, epochs=epochs, steps=steps,
                             batch_size=batch_size, optimizer=optimizer, lr=lr, seed=seed, beta=beta,
-                            iwae_k=iwae_k, latent_dim=latent_dim, gan_loss=gan_loss, n_critic=n_critic,
+                            iwae_k=iwae_k, latent_dim=latent_dim, hidden_dim=hidden_dim, lr_schedule=lr_schedule,
+                            gan_loss=gan_loss, n_critic=n_critic, gp_weight=gp_weight, pack=pack,
+                            ema_decay=ema_decay,
                             compile=compile, device=device, log_every=log_every, sample_every=sample_every)
             out = out or default_out(model, data)
         summary = run_training(config, out, resume=resume, show_progress=progress)

@@ -23,6 +23,8 @@ class Config:
     b2: float | None = None
     weight_decay: float = 0.0
     momentum: float = 0.9            # sgd only
+    lr_schedule: str = "constant"    # constant | linear | cosine: decays lr to 0 over decay_steps
+    decay_steps: int | None = None   # filled by the training loop with the run's length
     seed: int = 0
     # VAE family
     latent_dim: int | None = None
@@ -34,6 +36,7 @@ class Config:
     n_critic: int | None = None
     gp_weight: float = 10.0
     pack: int | None = None          # PacGAN: the discriminator judges `pack` samples jointly
+    ema_decay: float = 0.0           # > 0: also keep an exponential moving average of G's weights
     # running
     compile: bool = True
     device: str = "auto"
@@ -70,6 +73,13 @@ def validate(config: Config) -> None:
         (config.iwae_k == 1 or config.beta == 1.0, "--beta weights the ELBO's KL term; IWAE (--iwae-k > 1) "
                                                    "has no such term, so drop one of the two"),
         (config.optimizer in ("adam", "adamw", "sgd"), "--optimizer must be adam, adamw or sgd"),
+        (config.lr_schedule in ("constant", "linear", "cosine"), "--lr-schedule must be constant, linear or cosine"),
+        (config.decay_steps is None or config.decay_steps >= 1, "decay_steps must be at least 1"),
+        (0.0 <= config.ema_decay < 1.0, "--ema-decay must be in [0, 1): 0 turns the average off"),
+        (config.gan_loss in (None, "minimax", "non-saturating", "wasserstein", "hinge"),
+         "--gan-loss must be minimax, non-saturating, wasserstein or hinge"),
+        (config.gp_weight >= 0, "--gp-weight must be non-negative"),
+        (config.hidden_dim is None or config.hidden_dim >= 1, "--hidden-dim must be at least 1"),
         (config.n_critic is None or config.n_critic >= 1, "--n-critic must be at least 1"),
         (config.pack is None or config.pack >= 1, "--pack must be at least 1"),
         (config.pack in (None, 1) or (config.batch_size or 0) % config.pack == 0,

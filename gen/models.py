@@ -40,10 +40,22 @@ class Family(NamedTuple):
     batches_per_step: Callable[[Config], int] = lambda config: 1
 
 
+def learning_rate(config: Config) -> float | optim.Schedule:
+    """config.lr, or a schedule decaying it over config.decay_steps (the run's length,
+    filled in by the training loop)."""
+    if config.lr_schedule == "constant":
+        return config.lr
+    if config.decay_steps is None:
+        raise ValueError(f"--lr-schedule {config.lr_schedule} needs the run's length: give --epochs or --steps")
+    decay = optim.linear_decay if config.lr_schedule == "linear" else optim.cosine_decay
+    return decay(config.lr, config.decay_steps)
+
+
 def make_optimizer(config: Config) -> optim.Optimizer:
+    lr = learning_rate(config)
     if config.optimizer == "sgd":
-        return optim.sgd(config.lr, momentum=config.momentum)
-    return optim.adam(config.lr, config.b1, config.b2, weight_decay=config.weight_decay)
+        return optim.sgd(lr, momentum=config.momentum)
+    return optim.adam(lr, config.b1, config.b2, weight_decay=config.weight_decay)
 
 
 def registry() -> dict[str, Family]:

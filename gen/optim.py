@@ -95,5 +95,25 @@ def sgd(lr: float | Schedule = 1e-2, momentum: float = 0.0, nesterov: bool = Fal
     return Optimizer(init, update)
 
 
+# --- learning-rate schedules: count (1 on the first update) -> lr, as 0-d tensors so one
+# compiled graph serves every step ---------------------------------------------------------
+
+
+def linear_decay(lr: float, decay_steps: int) -> Schedule:
+    """lr_t = lr · (1 - (t - 1) / T): lr on the first update, falling linearly to lr / T at the last."""
+    def schedule(count: Tensor) -> Tensor:
+        done = (count - 1).clamp(0, decay_steps).to(torch.float32)
+        return lr * (1 - done / decay_steps)
+    return schedule
+
+
+def cosine_decay(lr: float, decay_steps: int) -> Schedule:
+    """lr_t = lr · ½ (1 + cos(π (t - 1) / T))  (Loshchilov & Hutter 2017, without restarts)."""
+    def schedule(count: Tensor) -> Tensor:
+        done = (count - 1).clamp(0, decay_steps).to(torch.float32)
+        return lr * 0.5 * (1 + torch.cos(torch.pi * done / decay_steps))
+    return schedule
+
+
 def _device(params: Params) -> torch.device:
     return next(iter(params.values())).device if params else torch.device("cpu")

@@ -80,6 +80,8 @@ def train(config: Config, out: str | Path, resume: bool = False, show_progress: 
         raise ValueError(f"--batch-size {config.batch_size} (x{per_step} batches per step) exceeds the "
                          f"{len(dataset.train)} training examples: use a smaller --batch-size")
     total_steps = config.steps or config.epochs * steps_per_epoch
+    if config.lr_schedule != "constant" and config.decay_steps is None:
+        config = replace(config, decay_steps=total_steps)  # saved with the run, so a resume decays alike
 
     state = to_device(family.init(config, shape, config.seed), device)
     start_step = 0
@@ -137,8 +139,7 @@ def train(config: Config, out: str | Path, resume: bool = False, show_progress: 
                     row = {"step": done, "epoch": round(done / steps_per_epoch, 4), **row,
                            "samples_per_s": round(interval_steps * config.batch_size * per_step / seconds, 1)}
                     _append(out / "metrics.jsonl", row, history)
-                    progress.update(task, status=f"loss {row.get('loss', float('nan')):.4g}  "
-                                                 f"{row['samples_per_s']:.0f} samples/s")
+                    progress.update(task, status=_status(row))
                     interval_start, interval_steps = time.perf_counter(), 0
                 if config.sample_every and done % config.sample_every == 0:
                     (out / "samples").mkdir(exist_ok=True)
@@ -157,10 +158,11 @@ def train(config: Config, out: str | Path, resume: bool = False, show_progress: 
         progress.stop()
 
     _save_samples(family, state, config, dataset, out / "samples.png")
-    plots.loss_curves([row for row in history if "loss" in row], out / "loss.png",
-                      title=f"{config.model} on {config.data}")
-    final = next((row for row in reversed(history) if "loss" in row), {})
-    evaluation = next((row for row in reversed(history) if "loss" not in row), {})
+    # Training rows carry a throughput; evaluation rows (test losses, mode coverage) do not.
+    training_rows = [row for row in history if "samples_per_s" in row]
+    plots.loss_curves(training_rows, out / "loss.png", title=f"{config.model} on {config.data}")
+    final = training_rows[-1] if training_rows else {}
+    evaluation = next((row for row in reversed(history) if "samples_per_s" not in row), {})
     summary = {"out": str(out), "steps": total_steps, "device": str(device), "compiled": config.compile,
                "compile_seconds": compile_seconds, "graphs_compiled": _graph_count() - graphs_before,
                "final": final, "evaluation": evaluation}
@@ -188,6 +190,12 @@ def _save_samples(family, state, config: Config, dataset: data.Dataset, path: Pa
         points = family.generate(state, config, dataset.shape, config.eval_samples, generator)
         plots.scatter(points, path, reference=dataset.test[:config.eval_samples],
                       title=f"{config.model} on {config.data}")
+
+
+def _status(row: dict) -> str:
+    """The progress bar's text: the step's losses (VAE: loss; GAN: d_loss, g_loss) and throughput."""
+    losses = "  ".join(f"{name} {value:.4g}" for name, value in row.items() if name.endswith("loss"))
+    return f"{losses}  {row['samples_per_s']:.0f} samples/s"
 
 
 def _progress(show: bool) -> Progress:
