@@ -114,6 +114,34 @@ def test_existing_run_wrong_model_and_bad_output_name(run, tmp_path):
     assert_one_line_error(gen("sample", run, "--n", "0", "--out", tmp_path / "x.png"), "--n must be at least 1")
 
 
+def test_gan_run_reports_its_own_losses_and_mode_coverage(tmp_path):
+    """A GAN logs d_loss/g_loss (no "loss"): they are its final metrics and its loss curves,
+    and the mixture's mode coverage is its evaluation."""
+    out = tmp_path / "gan"
+    result = gen("train", "gan", "--data", "ring8", "--steps", 30, "--log-every", 10, "--hidden-dim", 32,
+                 "--pack", 2, "--lr-schedule", "linear", "--ema-decay", "0.9", "--no-compile", "--no-progress",
+                 "--out", out)
+    assert result.exit_code == 0, result.output
+    final = result.output.split("final: ")[1].splitlines()[0]
+    evaluation = result.output.split("evaluation: ")[1].splitlines()[0]
+    assert "d_loss" in final and "g_loss" in final
+    assert "modes" in evaluation and "d_loss" not in evaluation
+    config = (out / "config.json").read_text()
+    assert '"hidden_dim": 32' in config and '"pack": 2' in config and '"decay_steps": 30' in config
+    assert (out / "loss.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--gan-loss", "least-squares"], "--gan-loss must be"),
+    (["--lr-schedule", "step"], "--lr-schedule must be"),
+    (["--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
+    (["--pack", "3", "--batch-size", "64"], "multiple of --pack"),
+])
+def test_bad_gan_settings_get_one_line_errors(args, fragment, tmp_path):
+    assert_one_line_error(gen("train", "gan", "--data", "ring8", *args, "--no-progress", "--out", tmp_path / "o"),
+                          fragment)
+
+
 def test_iwae_and_conv_vae_train_from_the_cli(tmp_path):
     for model, extra in (("vae", ["--iwae-k", "4"]), ("conv-vae", [])):
         result = gen("train", model, *extra, "--steps", 5, "--no-compile", "--no-progress", "--out", tmp_path / model)

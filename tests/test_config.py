@@ -1,0 +1,57 @@
+"""Configuration checks and learning-rate schedules (gen/config.py, gen/optim.py, gen/models.py)."""
+
+import math
+
+import pytest
+import torch
+
+from gen import models, optim
+from gen.config import Config, resolve, validate
+
+
+def lrs(schedule, counts):
+    return [float(schedule(torch.tensor(c))) for c in counts]
+
+
+def test_linear_decay_starts_at_lr_and_falls_to_zero_after_the_run():
+    # lr_t = lr (1 - (t-1)/T): 0.1 on update 1, 0.1/T on update T, 0 beyond
+    assert lrs(optim.linear_decay(0.1, 4), [1, 2, 3, 4, 5, 9]) == pytest.approx([0.1, 0.075, 0.05, 0.025, 0, 0])
+
+
+def test_cosine_decay_follows_the_half_cosine():
+    expected = [0.1 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(5)]
+    assert lrs(optim.cosine_decay(0.1, 4), [1, 2, 3, 4, 5]) == pytest.approx(expected, abs=1e-7)
+
+
+def test_adam_uses_the_scheduled_rate():
+    """With a schedule, Adam's first update is lr_1 · sign(g) (bias-corrected m/√v = ±1)."""
+    params = {"w": torch.zeros(3)}
+    grads = {"w": torch.tensor([1.0, -2.0, 0.5])}
+    scheduled = optim.adam(optim.linear_decay(0.2, 10))
+    new_params, state = scheduled.update(grads, scheduled.init(params), params)
+    assert torch.allclose(new_params["w"], -0.2 * grads["w"].sign(), atol=1e-6)
+    # the tenth update runs at lr/10
+    state = {**state, "count": torch.tensor(9)}
+    stepped, _ = scheduled.update(grads, state, params)
+    assert stepped["w"].abs().max() < 0.2 / 10 * 1.01
+
+
+def test_make_optimizer_builds_the_configured_schedule():
+    config = resolve(Config(model="vae", lr_schedule="cosine", decay_steps=100), models.get("vae").defaults)
+    assert callable(models.learning_rate(config))
+    assert models.learning_rate(resolve(Config(model="vae"), models.get("vae").defaults)) == 1e-3
+    with pytest.raises(ValueError, match="needs the run's length"):
+        models.learning_rate(Config(model="vae", lr=1e-3, lr_schedule="linear"))
+
+
+@pytest.mark.parametrize("config, message", [
+    (Config(lr_schedule="step"), "--lr-schedule must be constant, linear or cosine"),
+    (Config(ema_decay=1.0), "--ema-decay must be in [0, 1)"),
+    (Config(gan_loss="least-squares"), "--gan-loss must be"),
+    (Config(gp_weight=-1), "--gp-weight must be non-negative"),
+    (Config(hidden_dim=0), "--hidden-dim must be at least 1"),
+    (Config(pack=3, batch_size=64), "--batch-size must be a multiple of --pack"),
+])
+def test_invalid_settings_are_named(config, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        validate(config)
