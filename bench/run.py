@@ -1,13 +1,20 @@
 """`gen bench` from a checkout, without the installed command:
 
     python bench/run.py [MODEL ...] [--batch-size B ...] [--steps N] [--repeats R]
-                        [--mode compiled|eager|module|vmap-N ...] [--device auto|cpu|cuda]
-                        [--json FILE] [--no-compile-times]
+                        [--mode compiled|eager|module|vmap-N|compiled-ro|compiled-bf16 ...]
+                        [--device auto|cpu|cuda] [--json FILE] [--no-compile-times]
+                        [--time-budget SECONDS]
+
+`compiled-ro` (CUDA graphs) and `compiled-bf16` (bf16 autocast) run on CUDA
+only. A mode that fails is a row with an `error` field; --time-budget starts
+nothing new once the seconds are spent; SIGTERM (e.g. from `timeout`) ends the
+run like Ctrl-C: the table and the JSON of the finished groups are written.
 
 Both call gen.bench.main; see bench/README.md for what the columns mean.
 """
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -22,18 +29,26 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, action="append", help="batch sizes (repeatable)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
     parser.add_argument("--repeats", type=int, default=5, help="rounds over the modes (median reported)")
-    parser.add_argument("--mode", action="append", help="compiled | eager | module | vmap-N (repeatable)")
+    parser.add_argument("--mode", action="append",
+                        help="compiled | eager | module | vmap-N | compiled-ro | compiled-bf16 (repeatable)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--json", default=None, help="also write the results as JSON")
     parser.add_argument("--no-compile-times", action="store_true",
                         help="skip the cold/warm compile measurements in fresh processes")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds: start no new model, mode or round after them; write what was done")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         bench.main(models=args.models or None, batch_sizes=args.batch_size, steps=args.steps, repeats=args.repeats,
                    device=args.device, json_path=args.json, modes=args.mode,
-                   measure_compile=not args.no_compile_times)
+                   measure_compile=not args.no_compile_times, time_budget=args.time_budget)
     except ValueError as error:
         sys.exit(f"error: {error}")
+
+
+def interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # bench.main catches it, prints and writes what it has
 
 
 if __name__ == "__main__":

@@ -10,6 +10,11 @@ then time, synchronising the device).
     eager      the same pure step, uncompiled
     module     bench/peers.py: nn.Module + torch.optim written as pytorch/examples writes it
     vmap-N     N independent models in one step: torch.compile(vmap(step)) over stacked states
+    compiled-ro    CUDA only: mode="reduce-overhead" (CUDA graphs), the state kept in fixed buffers
+    compiled-bf16  CUDA only: the compiled step under torch.autocast("cuda", dtype=torch.bfloat16)
+
+A mode or model that raises is recorded as a row with an `error` field and
+the run goes on; `time_budget` stops a run cleanly, keeping what it has.
 
 Data and noise are synthetic, drawn once onto the device as tensors (a small
 pool cycled through), so the numbers measure the step and nothing else; the
@@ -53,15 +58,20 @@ MODELS = {
     "gan-2d": ("gan", (2,), (256,)),
     "wgan-gp": ("wgan-gp", (2,), (256,)),
 }
-MODES = ("compiled", "eager", "module")
+MODES = ("compiled", "eager", "module")  # the default set
+CUDA_MODES = ("compiled-ro", "compiled-bf16")  # asked for by name; skipped with a note on CPU
 CHANNELS_LAST = ("conv-vae", "dcgan")  # conv models whose compiled step gets channels-last weights and images
 POOL = 4  # distinct batches/noise draws cycled through, so no step sees the very same tensors twice in a row
 PEERS_DIR = Path(__file__).resolve().parent.parent / "bench"
 
 
-def compile_step(step: Callable) -> Callable:
+def compile_step(step: Callable, mode: str | None = None) -> Callable:
     """How gen's training loop compiles a step: one graph, static shapes."""
-    return torch.compile(step, fullgraph=True, dynamic=False)
+    return torch.compile(step, fullgraph=True, dynamic=False, mode=mode)
+
+
+def is_compiled(mode: str) -> bool:
+    return mode == "compiled" or mode.startswith(("compiled-", "vmap-"))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -220,15 +230,20 @@ def make_runner(mode: str, model: str, config: Config, shape: tuple, device: tor
         step = compile_step(torch.func.vmap(step))
     else:
         state = to_device(family.init(config, shape, seed), device)
-        step = compile_step(step) if mode == "compiled" else step
+        if mode == "compiled-bf16":
+            step = autocast_step(step, device)
+        if is_compiled(mode):
+            step = compile_step(step, "reduce-overhead" if mode == "compiled-ro" else None)
     pool = synthetic_inputs(family, config, shape, device, seed, models_stacked=members)
-    if mode == "compiled" and model in CHANNELS_LAST:
+    if is_compiled(mode) and not members and model in CHANNELS_LAST:
         # Inductor runs CPU convolutions channels-last (oneDNN's preferred layout) and otherwise
         # converts every NCHW weight and image on each call; handing it channels-last tensors
         # removes those copies (dcgan b64: about 8% faster here). The updated weights come back
         # channels-last too, so the layout, and the graph, stay the same from step to step.
         state = tree_map(channels_last, state)
         pool = [(channels_last(batch), inputs) for batch, inputs in pool]
+    if mode == "compiled-ro":
+        return cudagraph_runner(step, state, pool)
     holder = {"state": state}
 
     def advance(n: int) -> None:
@@ -238,6 +253,44 @@ def make_runner(mode: str, model: str, config: Config, shape: tuple, device: tor
             state, _ = step(state, batch, inputs)
         holder["state"] = state
     return advance
+
+
+def autocast_step(step: Callable, device: torch.device) -> Callable:
+    """The step with its matmuls and convolutions in bfloat16 (torch.autocast inside the compiled
+    function, so Dynamo traces it into the one graph). Params, moments and the optimizer's
+    arithmetic stay float32; only autocast's op list (mm, conv, ...) runs in bf16."""
+    def step_bf16(state, batch, inputs):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return step(state, batch, inputs)
+    return step_bf16
+
+
+def cudagraph_runner(step: Callable, state: Tree, pool: list) -> Callable[[int], None]:
+    """`advance(n)` for a step compiled with mode="reduce-overhead" (CUDA graphs).
+
+    A replay writes its outputs into memory that the next replay reuses, and feeding
+    those outputs straight back in as the next step's inputs is what has crashed
+    (TORCH_NOTES.md; pytorch #160281). So the state lives in fixed buffers, marked
+    static so the graph reads them in place instead of copying each one in, and
+    after every replay the new state is copied into them with one _foreach_copy_
+    — JAX's donation, done by hand. cudagraph_mark_step_begin() before each call
+    tells the cudagraph tree that the previous step's outputs are dead."""
+    buffers = flatten(state)
+    for t in buffers:
+        torch._dynamo.mark_static_address(t)
+
+    def advance(n: int) -> None:
+        for index in range(n):
+            batch, inputs = pool[index % POOL]
+            torch.compiler.cudagraph_mark_step_begin()
+            new_state, _ = step(state, batch, inputs)
+            torch._foreach_copy_(buffers, flatten(new_state))
+    return advance
+
+
+def flatten(tree: Tree) -> list[torch.Tensor]:
+    """The leaves of a nested dict of tensors, in key order."""
+    return [t for v in tree.values() for t in (flatten(v) if isinstance(v, dict) else [v])]
 
 
 def channels_last(t: torch.Tensor) -> torch.Tensor:
@@ -320,11 +373,17 @@ def compile_seconds(model: str, batch_size: int, device: torch.device) -> tuple[
 # --- the harness ----------------------------------------------------------------------
 
 
-def available_modes(modes: list[str] | None) -> list[str]:
+def available_modes(modes: list[str] | None, device: torch.device | str = "cpu") -> list[str]:
     modes = list(modes or MODES)
     for mode in modes:
-        if mode not in MODES and not (mode.startswith("vmap-") and mode[5:].isdigit() and int(mode[5:]) > 0):
-            raise ValueError(f"unknown mode '{mode}': use compiled, eager, module or vmap-N (N models at once)")
+        if mode not in MODES + CUDA_MODES and not (mode.startswith("vmap-") and mode[5:].isdigit()
+                                                   and int(mode[5:]) > 0):
+            raise ValueError(f"unknown mode '{mode}': use compiled, eager, module, vmap-N (N models at once), "
+                             f"or on CUDA {' or '.join(CUDA_MODES)}")
+    if torch.device(device).type != "cuda":
+        for mode in [m for m in modes if m in CUDA_MODES]:
+            print(f"note: skipping mode '{mode}': it needs --device cuda")
+            modes.remove(mode)
     if "module" in modes and load_peers() is None:
         print(f"note: skipping mode 'module': the peers live in {PEERS_DIR}/peers.py, which is absent "
               "(bench/ ships with the repository, not the installed package)")
@@ -344,13 +403,52 @@ def available_models(names: list[str] | None) -> list[str]:
     return present
 
 
+def describe(error: BaseException) -> str:
+    """One line for a failed mode: the exception's type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}".rstrip(": ")
+
+
+def error_row(model: str, batch_size: int, mode: str, device: torch.device, error: str) -> dict:
+    """A row for a mode that did not run: the timing fields empty, `error` saying why."""
+    row = dict.fromkeys(ROW_FIELDS)
+    row.update(model=model, batch_size=batch_size, mode=mode, device=device.type, error=error)
+    return row
+
+
+ROW_FIELDS = ("model", "batch_size", "mode", "device", "batches_per_step", "models", "steps", "repeats",
+              "samples_per_s", "samples_per_s_min", "samples_per_s_max", "ms_per_step", "gflop_per_step",
+              "gflops", "pct_of_peak", "peak_gflops", "first_call_s", "cold_compile_s", "warm_compile_s",
+              "peak_memory_mb", "peak_memory_kind", "error")
+
+
+def release(device: torch.device) -> None:
+    """After a failed or finished group: free what it held, so the next one starts clean."""
+    import gc
+    gc.collect()
+    if device.type == "cuda":
+        try:
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+        except Exception as error:  # a sticky CUDA error: the next group will report its own failure
+            print(f"note: CUDA clean-up failed: {describe(error)}")
+
+
 def run(models_: list[str] | None, batch_sizes: list[int] | None, steps: int, repeats: int,
         device: torch.device | str, modes: list[str] | None, warmup: int = 3,
-        measure_compile: bool = True, log: Callable[[str], None] = print) -> list[dict]:
-    """One result dict per (model, batch size, mode); see bench/README.md for the fields."""
+        measure_compile: bool = True, log: Callable[[str], None] = print,
+        deadline: float | None = None, on_group: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """One result dict per (model, batch size, mode); see bench/README.md for the fields.
+
+    A mode that raises (building, compiling, warming up or in a timed round) gets a row
+    with `error` set, and the others go on. `deadline` (time.monotonic() seconds): no
+    new group, mode or round starts after it (at least one round runs for the modes
+    already built), so the run ends close to it with what it has. `on_group(results)`
+    is called after every (model, batch size) group, e.g. to write partial JSON."""
     device = torch.device(device)
-    modes = available_modes(modes)
+    modes = available_modes(modes, device)
     names = available_models(models_)
+    out_of_time = (lambda: False) if deadline is None else (lambda: time.monotonic() >= deadline)
     # The peak is sampled at the start and once in every timing round, so it sees the same
     # machine load as the modes; rows get the median of all samples, filled in at the end.
     sample_peak = matmul_sampler(device)
@@ -359,59 +457,117 @@ def run(models_: list[str] | None, batch_sizes: list[int] | None, steps: int, re
     results = []
     for model in names:
         for batch_size in batch_sizes or MODELS[model][2]:
-            family, config, shape = model_config(model, batch_size)
-            per_step = family.batches_per_step(config)
-            flops = flops_per_step(model, config, shape, batch_size)
-            cold = warm = None
-            if measure_compile and any(m == "compiled" or m.startswith("vmap-") for m in modes):
-                log(f"{model} b{batch_size}: timing cold and warm compiles in fresh processes ...")
-                cold, warm = compile_seconds(model, batch_size, device)
-            runners, first_call, memory = {}, {}, {}
-            for mode in modes:
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                runners[mode] = make_runner(mode, model, config, shape, device)
-                first_call[mode] = time_mode(runners[mode], 1, device)  # compiles the compiled modes
-                time_mode(runners[mode], warmup, device)
-                memory[mode] = peak_memory_mb(device)
-            log(f"{model} b{batch_size}: compiled, warmed up; timing {repeats} rounds of {steps} steps")
-            seconds = {mode: [] for mode in modes}
-            for round_index in range(repeats):
-                order = modes[round_index % len(modes):] + modes[:round_index % len(modes)]
-                for mode in order:
-                    seconds[mode].append(time_mode(runners[mode], steps, device))
-                peak_samples.append(sample_peak())
-            for mode in modes:
-                members = int(mode[5:]) if mode.startswith("vmap-") else 1
-                samples = batch_size * per_step * members * steps
-                rates = [samples / s for s in seconds[mode]]
-                step_s = median(seconds[mode]) / steps
-                gflops = flops * members / step_s / 1e9
-                results.append({
-                    "model": model, "batch_size": batch_size, "mode": mode, "device": device.type,
-                    "batches_per_step": per_step, "models": members, "steps": steps, "repeats": repeats,
-                    "samples_per_s": median(rates), "samples_per_s_min": min(rates),
-                    "samples_per_s_max": max(rates), "ms_per_step": 1000 * step_s,
-                    "gflop_per_step": flops * members / 1e9, "gflops": gflops,
-                    "pct_of_peak": None, "peak_gflops": None,
-                    "first_call_s": first_call[mode],
-                    "cold_compile_s": cold if mode == "compiled" else None,
-                    "warm_compile_s": warm if mode == "compiled" else None,
-                    "peak_memory_mb": memory[mode],
-                    "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
-                })
-            del runners
+            if out_of_time():
+                log(f"{model} b{batch_size}: skipped, time budget spent")
+                results += [error_row(model, batch_size, mode, device, "skipped: time budget spent") for mode in modes]
+                continue
+            results += time_group(model, batch_size, steps, repeats, device, modes, warmup, measure_compile,
+                                  log, out_of_time, sample_peak, peak_samples)
+            release(device)
+            fill_peak(results, peak_samples)
+            if on_group:
+                on_group(results)
+    fill_peak(results, peak_samples)
+    return results
+
+
+def fill_peak(results: list[dict], peak_samples: list[float]) -> None:
     peak = median(peak_samples)
     for r in results:
-        r["peak_gflops"], r["pct_of_peak"] = peak, 100 * r["gflops"] / peak
-    return results
+        r["peak_gflops"] = peak
+        r["pct_of_peak"] = None if r["gflops"] is None else 100 * r["gflops"] / peak
+
+
+def time_group(model: str, batch_size: int, steps: int, repeats: int, device: torch.device, modes: list[str],
+               warmup: int, measure_compile: bool, log: Callable[[str], None], out_of_time: Callable[[], bool],
+               sample_peak: Callable[[], float], peak_samples: list[float]) -> list[dict]:
+    """Build, warm up and time every mode of one (model, batch size); rows in `modes` order."""
+    errors = {}
+    try:
+        family, config, shape = model_config(model, batch_size)
+        per_step = family.batches_per_step(config)
+    except Exception as error:
+        log(f"{model} b{batch_size}: error: {describe(error)}")
+        return [error_row(model, batch_size, mode, device, describe(error)) for mode in modes]
+    try:
+        flops = flops_per_step(model, config, shape, batch_size)
+    except Exception as error:  # the rows still get their samples/s
+        log(f"{model} b{batch_size}: FLOP count failed: {describe(error)}")
+        flops = None
+    cold = warm = None
+    if measure_compile and "compiled" in modes and not out_of_time():
+        log(f"{model} b{batch_size}: timing cold and warm compiles in fresh processes ...")
+        try:
+            cold, warm = compile_seconds(model, batch_size, device)
+        except Exception as error:
+            log(f"{model} b{batch_size}: compile probe failed: {describe(error)}")
+    runners, first_call, memory = {}, {}, {}
+    for mode in modes:
+        if out_of_time():
+            errors[mode] = "skipped: time budget spent"
+            continue
+        try:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            runner = make_runner(mode, model, config, shape, device)
+            first_call[mode] = time_mode(runner, 1, device)  # compiles the compiled modes
+            time_mode(runner, warmup, device)
+            memory[mode] = peak_memory_mb(device)
+            runners[mode] = runner
+        except Exception as error:
+            errors[mode] = describe(error)
+            log(f"{model} b{batch_size} {mode}: error: {errors[mode]}")
+            release(device)
+    built = [m for m in modes if m in runners]
+    log(f"{model} b{batch_size}: {', '.join(built) or 'no mode'} built and warmed up; "
+        f"timing {repeats} rounds of {steps} steps")
+    seconds = {mode: [] for mode in built}
+    for round_index in range(repeats):
+        if round_index > 0 and out_of_time():
+            log(f"{model} b{batch_size}: time budget spent after {round_index} of {repeats} rounds")
+            break
+        live = [m for m in built if m not in errors]
+        order = live[round_index % max(len(live), 1):] + live[:round_index % max(len(live), 1)]
+        for mode in order:
+            try:
+                seconds[mode].append(time_mode(runners[mode], steps, device))
+            except Exception as error:
+                errors[mode] = describe(error)
+                log(f"{model} b{batch_size} {mode}: error while timing: {errors[mode]}")
+        peak_samples.append(sample_peak())
+    rows = []
+    for mode in modes:
+        if mode in errors:
+            rows.append(error_row(model, batch_size, mode, device, errors[mode]))
+            continue
+        members = int(mode[5:]) if mode.startswith("vmap-") else 1
+        samples = batch_size * per_step * members * steps
+        rates = [samples / s for s in seconds[mode]]
+        step_s = median(seconds[mode]) / steps
+        gflops = None if flops is None else flops * members / step_s / 1e9
+        rows.append({
+            "model": model, "batch_size": batch_size, "mode": mode, "device": device.type,
+            "batches_per_step": per_step, "models": members, "steps": steps, "repeats": len(rates),
+            "samples_per_s": median(rates), "samples_per_s_min": min(rates),
+            "samples_per_s_max": max(rates), "ms_per_step": 1000 * step_s,
+            "gflop_per_step": None if flops is None else flops * members / 1e9, "gflops": gflops,
+            "pct_of_peak": None, "peak_gflops": None,
+            "first_call_s": first_call[mode],
+            "cold_compile_s": cold if mode == "compiled" else None,
+            "warm_compile_s": warm if mode == "compiled" else None,
+            "peak_memory_mb": memory[mode],
+            "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
+            "error": None,
+        })
+    return rows
 
 
 def speedups(results: list[dict], reference: str = "module") -> dict[tuple, float]:
     """(model, batch, mode) -> samples/s relative to the reference mode of the same row group."""
-    base = {(r["model"], r["batch_size"]): r["samples_per_s"] for r in results if r["mode"] == reference}
+    ok = [r for r in results if r.get("error") is None]
+    base = {(r["model"], r["batch_size"]): r["samples_per_s"] for r in ok if r["mode"] == reference}
     return {(r["model"], r["batch_size"], r["mode"]): r["samples_per_s"] / base[(r["model"], r["batch_size"])]
-            for r in results if (r["model"], r["batch_size"]) in base}
+            for r in ok if (r["model"], r["batch_size"]) in base}
 
 
 def print_table(results: list[dict], machine_info: dict | None = None) -> None:
@@ -422,43 +578,80 @@ def print_table(results: list[dict], machine_info: dict | None = None) -> None:
     title = "gen bench"
     if machine_info:
         title += f" — {machine_info['cpu']}, {machine_info['cores']} cores, torch {machine_info['torch']}"
+        if machine_info.get("gpu"):
+            title += f", {machine_info['gpu']}"
     table = Table(title=title)
     for column in ("model", "batch", "mode", "samples/s (min–max)", "× module", "ms/step", "GFLOP/s",
                    "% peak", "compile cold/warm s", "first call s", "peak MB"):
         table.add_column(column, justify="left" if column in ("model", "mode") else "right")
+
+    def number(value, spec: str) -> str:
+        return "" if value is None else format(value, spec)
+
     for r in results:
+        if r.get("error") is not None:
+            table.add_row(r["model"], str(r["batch_size"]), r["mode"], f"[red]{r['error'][:80]}[/red]",
+                          *[""] * 7)
+            continue
         key = (r["model"], r["batch_size"], r["mode"])
         compile_cell = (f"{r['cold_compile_s']:.1f} / {r['warm_compile_s']:.1f}"
                         if r["cold_compile_s"] is not None else "")
         table.add_row(r["model"], str(r["batch_size"]), r["mode"],
                       f"{r['samples_per_s']:,.0f} ({r['samples_per_s_min']:,.0f}–{r['samples_per_s_max']:,.0f})",
                       f"{ratio[key]:.2f}" if key in ratio else "", f"{r['ms_per_step']:.2f}",
-                      f"{r['gflops']:.1f}", f"{r['pct_of_peak']:.0f}%", compile_cell,
-                      f"{r['first_call_s']:.1f}", f"{r['peak_memory_mb']:.0f}")
+                      number(r["gflops"], ".1f"), number(r["pct_of_peak"], ".0f") + ("%" if r["pct_of_peak"] else ""),
+                      compile_cell, f"{r['first_call_s']:.1f}", f"{r['peak_memory_mb']:.0f}")
     console = Console()
     console.print(table)
     if results:
-        kind = "CUDA max allocated" if results[0]["peak_memory_kind"] == "cuda_max_allocated" else \
-            "process max RSS so far (CPU)"
+        kind = "CUDA max allocated" if results[0]["device"] == "cuda" else "process max RSS so far (CPU)"
         console.print(f"peak MB: {kind}; float32 matmul peak {results[0]['peak_gflops']:.1f} GFLOP/s")
 
 
 def main(models: list[str] | None = None, batch_sizes: list[int] | None = None, steps: int = 20,
          repeats: int = 5, device: str = "auto", json_path: str | None = None,
-         modes: list[str] | None = None, measure_compile: bool = True) -> list[dict]:
-    """What `gen bench` and `python bench/run.py` run: time, print a table, optionally write JSON."""
+         modes: list[str] | None = None, measure_compile: bool = True,
+         time_budget: float | None = None) -> list[dict]:
+    """What `gen bench` and `python bench/run.py` run: time, print a table, optionally write JSON.
+
+    With `time_budget` seconds the run starts nothing new once they are spent (see `run`).
+    The JSON file is rewritten after every (model, batch size) group, so a run killed
+    from outside still leaves the groups it finished; an interrupt (Ctrl-C, or SIGTERM
+    where bench/run.py turns it into one) prints and writes what was done."""
     if steps < 1 or repeats < 1:
         raise ValueError("--steps and --repeats must be at least 1")
     if batch_sizes and any(b < 1 for b in batch_sizes):
         raise ValueError("--batch-size must be at least 1")
+    if time_budget is not None and time_budget <= 0:
+        raise ValueError("--time-budget must be positive")
+    deadline = None if time_budget is None else time.monotonic() + time_budget
     torch_device = resolve_device(device)
     keep_freed_memory()
     info = machine()
-    results = run(models, batch_sizes, steps, repeats, torch_device, modes, measure_compile=measure_compile)
+    if time_budget is not None:
+        info["time_budget_s"] = time_budget
+
+    def write(results: list[dict], complete: bool) -> None:
+        if json_path:
+            info["complete"] = complete
+            Path(json_path).write_text(json.dumps({"machine": info, "results": results}, indent=2) + "\n")
+
+    results: list[dict] = []
+
+    def keep(partial: list[dict]) -> None:
+        results[:] = partial
+        write(partial, complete=False)
+
+    try:
+        results = run(models, batch_sizes, steps, repeats, torch_device, modes, measure_compile=measure_compile,
+                      deadline=deadline, on_group=keep)
+        complete = True
+    except KeyboardInterrupt:
+        print("interrupted: writing the groups finished so far")
+        complete = False
     info["load_average_after"] = machine().get("load_average")
     print_table(results, info)
-    if json_path:
-        Path(json_path).write_text(json.dumps({"machine": info, "results": results}, indent=2) + "\n")
+    write(results, complete)
     return results
 
 

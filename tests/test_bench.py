@@ -105,3 +105,93 @@ def test_unknown_mode_and_model_are_one_line_errors():
         bench.available_modes(["fast"])
     with pytest.raises(ValueError, match="unknown bench model"):
         bench.available_models(["gpt"])
+
+
+# --- robustness: what a run on a machine nobody can debug relies on --------------------
+
+
+def test_cuda_modes_are_skipped_on_cpu(capsys):
+    assert bench.available_modes(["compiled-ro", "eager", "compiled-bf16"], "cpu") == ["eager"]
+    assert "needs --device cuda" in capsys.readouterr().out
+    assert bench.available_modes(["compiled-ro", "compiled-bf16"], "cuda") == ["compiled-ro", "compiled-bf16"]
+
+
+def test_a_failing_mode_becomes_an_error_row_and_the_run_goes_on(monkeypatch, capsys):
+    real = bench.make_runner
+
+    def flaky(mode, model, *args, **kwargs):
+        advance = real(mode, model, *args, **kwargs)
+        if model != "vae":
+            return advance
+        if mode == "eager":
+            raise RuntimeError("CUDA error: out of memory\nmore detail")
+        calls = []
+
+        def fails_in_the_second_round(n):  # build + warm-up are calls 1 and 2, round 1 is call 3
+            calls.append(n)
+            if len(calls) == 4:
+                raise ValueError("boom")
+            advance(n)
+        return fails_in_the_second_round if mode == "module" else advance
+
+    monkeypatch.setattr(bench, "make_runner", flaky)
+    results = bench.run(["vae", "gan-2d"], [16], 2, 3, "cpu", ["eager", "module"], measure_compile=False)
+    by_key = {(r["model"], r["mode"]): r for r in results}
+    assert by_key[("vae", "eager")]["error"] == "RuntimeError: CUDA error: out of memory"
+    assert by_key[("vae", "module")]["error"] == "ValueError: boom"
+    assert by_key[("vae", "eager")]["samples_per_s"] is None and by_key[("vae", "eager")]["pct_of_peak"] is None
+    for mode in ("eager", "module"):  # the next model still ran
+        assert by_key[("gan-2d", mode)]["error"] is None and by_key[("gan-2d", mode)]["repeats"] == 3
+    assert "vae b16 eager: error: RuntimeError: CUDA error: out of memory" in capsys.readouterr().out
+    bench.print_table(results)  # error rows print too
+
+
+def test_time_budget_stops_cleanly_and_writes_what_it_has(tmp_path):
+    path = tmp_path / "bench.json"
+    # A budget spent during the first group: its built modes get one round; the next group is skipped.
+    results = bench.main(models=["vae", "gan-2d"], batch_sizes=[16], steps=1, repeats=50, device="cpu",
+                         json_path=str(path), modes=["eager", "module"], time_budget=0.05)
+    by_key = {(r["model"], r["mode"]): r for r in results}
+    assert all(by_key[("gan-2d", m)]["error"] == "skipped: time budget spent" for m in ("eager", "module"))
+    assert all(r["error"] in (None, "skipped: time budget spent") for r in results)
+    assert all(1 <= r["repeats"] < 50 for r in results if r["error"] is None)
+    written = json.loads(path.read_text())
+    assert written["results"] == results and written["machine"]["complete"] is True
+
+
+def test_the_json_file_holds_each_finished_group_before_the_run_ends(tmp_path, monkeypatch):
+    path = tmp_path / "bench.json"
+    real = bench.time_group
+
+    def interrupted_second_group(model, *args, **kwargs):
+        if model == "gan-2d":
+            assert json.loads(path.read_text())["machine"]["complete"] is False  # vae already on disk
+            raise KeyboardInterrupt  # what bench/run.py makes of SIGTERM from `timeout`
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "time_group", interrupted_second_group)
+    results = bench.main(models=["vae", "gan-2d"], batch_sizes=[16], steps=1, repeats=1, device="cpu",
+                         json_path=str(path), modes=["eager"])
+    written = json.loads(path.read_text())
+    assert [r["model"] for r in written["results"]] == ["vae"] == [r["model"] for r in results]
+    assert written["machine"]["complete"] is False
+
+
+def test_autocast_and_cudagraph_runner_code_paths_on_cpu():
+    # The CUDA-only modes' pieces, exercised eagerly on the CPU: the bf16 wrapper keeps the
+    # state float32, and the fixed-buffer runner advances exactly as the pure step does.
+    family, config, shape = bench.model_config("vae", 8)
+    step = family.make_step(config, shape)
+    pool = bench.synthetic_inputs(family, config, shape, torch.device("cpu"))
+    state = family.init(config, shape, 0)
+    new_state, metrics = bench.autocast_step(step, torch.device("cpu"))(state, *pool[0])
+    assert all(t.dtype == s.dtype for t, s in zip(bench.flatten(new_state), bench.flatten(state)))
+    assert torch.isfinite(metrics["loss"])
+
+    buffers_state = family.init(config, shape, 0)
+    bench.cudagraph_runner(step, buffers_state, pool)(3)
+    expected = family.init(config, shape, 0)
+    for index in range(3):
+        expected, _ = step(expected, *pool[index])
+    for got, want in zip(bench.flatten(buffers_state), bench.flatten(expected)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
