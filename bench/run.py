@@ -14,6 +14,7 @@ Both call gen.bench.main; see bench/README.md for what the columns mean.
 """
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -25,7 +26,8 @@ from gen import bench  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("models", nargs="*", help=f"{' '.join(bench.MODELS)} (default all)")
+    parser.add_argument("models", nargs="*",
+                        help=f"{' '.join(bench.MODELS)} (default all); MODEL:B1,B2 gives that model its own batch sizes")
     parser.add_argument("--batch-size", type=int, action="append", help="batch sizes (repeatable)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
     parser.add_argument("--repeats", type=int, default=5, help="rounds over the modes (median reported)")
@@ -45,6 +47,12 @@ def main() -> None:
                    measure_compile=not args.no_compile_times, time_budget=args.time_budget)
     except ValueError as error:
         sys.exit(f"error: {error}")
+    # Results are printed and written. Leave now: Inductor's atexit hook waits (up to 300 s)
+    # for its compile-worker pool to shut down, which on the 16-core CUDA machine stalled
+    # the exit by 15-30 s; the workers end themselves when this process is gone.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def interrupt(signum, frame) -> None:

@@ -235,11 +235,13 @@ def make_runner(mode: str, model: str, config: Config, shape: tuple, device: tor
         if is_compiled(mode):
             step = compile_step(step, "reduce-overhead" if mode == "compiled-ro" else None)
     pool = synthetic_inputs(family, config, shape, device, seed, models_stacked=members)
-    if is_compiled(mode) and not members and model in CHANNELS_LAST:
+    if is_compiled(mode) and not members and model in CHANNELS_LAST and device.type == "cpu":
         # Inductor runs CPU convolutions channels-last (oneDNN's preferred layout) and otherwise
         # converts every NCHW weight and image on each call; handing it channels-last tensors
         # removes those copies (dcgan b64: about 8% faster here). The updated weights come back
         # channels-last too, so the layout, and the graph, stay the same from step to step.
+        # CPU only: on CUDA the updated weights came back in another layout than the one the
+        # graph was compiled for, and Inductor's stride assertion failed on the next call.
         state = tree_map(channels_last, state)
         pool = [(channels_last(batch), inputs) for batch, inputs in pool]
     if mode == "compiled-ro":
@@ -403,6 +405,25 @@ def available_models(names: list[str] | None) -> list[str]:
     return present
 
 
+def plan(names: list[str] | None, batch_sizes: list[int] | None) -> list[tuple[str, int]]:
+    """The (model, batch size) groups to time, in order. A name may carry its own batch
+    sizes, `vae:128,4096`, which then override `batch_sizes` for that model, so one run
+    can interleave models and sizes in priority order (bench/cuda.py does)."""
+    entries = []
+    for name in names or MODELS:
+        model, _, sizes = name.partition(":")
+        try:
+            own = [int(b) for b in sizes.split(",")] if sizes else None
+        except ValueError:
+            raise ValueError(f"bad model entry '{name}': use MODEL or MODEL:B1,B2,...") from None
+        if own is not None and any(b < 1 for b in own):
+            raise ValueError(f"bad model entry '{name}': batch sizes must be at least 1")
+        entries.append((model, own))
+    present = set(available_models([model for model, _ in entries]))
+    return [(model, b) for model, own in entries if model in present
+            for b in own or batch_sizes or MODELS[model][2]]
+
+
 def describe(error: BaseException) -> str:
     """One line for a failed mode: the exception's type and the first line of its message."""
     lines = str(error).strip().splitlines()
@@ -447,7 +468,7 @@ def run(models_: list[str] | None, batch_sizes: list[int] | None, steps: int, re
     is called after every (model, batch size) group, e.g. to write partial JSON."""
     device = torch.device(device)
     modes = available_modes(modes, device)
-    names = available_models(models_)
+    groups = plan(models_, batch_sizes)
     out_of_time = (lambda: False) if deadline is None else (lambda: time.monotonic() >= deadline)
     # The peak is sampled at the start and once in every timing round, so it sees the same
     # machine load as the modes; rows get the median of all samples, filled in at the end.
@@ -455,18 +476,17 @@ def run(models_: list[str] | None, batch_sizes: list[int] | None, steps: int, re
     peak_samples = [sample_peak() for _ in range(7)]
     log(f"float32 matmul peak: {median(peak_samples):.1f} GFLOP/s (at start)")
     results = []
-    for model in names:
-        for batch_size in batch_sizes or MODELS[model][2]:
-            if out_of_time():
-                log(f"{model} b{batch_size}: skipped, time budget spent")
-                results += [error_row(model, batch_size, mode, device, "skipped: time budget spent") for mode in modes]
-                continue
-            results += time_group(model, batch_size, steps, repeats, device, modes, warmup, measure_compile,
-                                  log, out_of_time, sample_peak, peak_samples)
-            release(device)
-            fill_peak(results, peak_samples)
-            if on_group:
-                on_group(results)
+    for model, batch_size in groups:
+        if out_of_time():
+            log(f"{model} b{batch_size}: skipped, time budget spent")
+            results += [error_row(model, batch_size, mode, device, "skipped: time budget spent") for mode in modes]
+            continue
+        results += time_group(model, batch_size, steps, repeats, device, modes, warmup, measure_compile,
+                              log, out_of_time, sample_peak, peak_samples)
+        release(device)
+        fill_peak(results, peak_samples)
+        if on_group:
+            on_group(results)
     fill_peak(results, peak_samples)
     return results
 

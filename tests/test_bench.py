@@ -195,3 +195,37 @@ def test_autocast_and_cudagraph_runner_code_paths_on_cpu():
         expected, _ = step(expected, *pool[index])
     for got, want in zip(bench.flatten(buffers_state), bench.flatten(expected)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+CRASHING_HARNESS = '''
+import os, runpy, sys
+sys.path.insert(0, {root!r})
+from gen import bench
+real = bench.time_group
+def time_group(model, batch_size, *args, **kwargs):
+    if model == "gan-2d":
+        os._exit(3)  # as a segfault or a fatal CUDA error would end the process
+    return real(model, batch_size, *args, **kwargs)
+bench.time_group = time_group
+sys.argv[0] = {run!r}
+runpy.run_path({run!r}, run_name="__main__")
+'''
+
+
+def test_cuda_driver_survives_a_crashed_process(tmp_path):
+    import subprocess
+    import sys
+    root = bench.PEERS_DIR.parent
+    harness = tmp_path / "crashing_run.py"
+    harness.write_text(CRASHING_HARNESS.format(root=str(root), run=str(root / "bench" / "run.py")))
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, str(root / "bench" / "cuda.py"), str(out), "--device", "cpu", "--total", "120",
+                    "--margin", "10", "--steps", "1", "--repeats", "1", "--mode", "eager", "--mode", "compiled-ro",
+                    "--plan", "vae:8", "gan-2d:8", "vae:16", "--harness", str(harness)],
+                   check=True, capture_output=True, text=True, cwd=str(root))
+    merged = json.loads((out / "cuda.json").read_text())
+    rows = {(r["model"], r["batch_size"], r["mode"]): r for r in merged["results"]}
+    assert rows[("vae", 8, "eager")]["error"] is None and rows[("vae", 16, "eager")]["error"] is None
+    assert rows[("gan-2d", 8, "eager")]["error"].startswith("crashed (exit status 3)")
+    assert len(merged["machines"]) == 2  # the second process carried on after the crash
+    assert "attempt 2" in (out / "cuda.log").read_text()
