@@ -1,9 +1,10 @@
 """Train a GAN family on a 2D mixture with the training-loop contract of gen/models.py,
 then report mode coverage and save a scatter plot.
 
-    python bench/gan_toy.py sngan --data grid25 --seed 0 --steps 20000 [--set lr=2e-4 ...]
+    python bench/gan_toy.py sngan --data grid25 --seed 0 --steps 20000 [--set lr=2e-4 lr_schedule=linear ...]
 
-(A stand-in for `gen train` while the CLI is being written; same noise derivation.)
+(A stand-in for `gen train` while the CLI was being written; same noise derivation.
+bench/grid25_sweep.py runs gen.train itself.)
 """
 
 import argparse
@@ -37,6 +38,11 @@ def main() -> None:
         overrides[name] = value if kind is str else (int(value) if "." not in value and "e" not in value else float(value))
     config = resolve(Config(model=args.model, data=args.data, seed=args.seed, steps=args.steps, **overrides),
                      family.defaults)
+    if config.steps is None:
+        parser.error("--steps is needed")
+    if config.lr_schedule != "constant" and config.decay_steps is None:
+        # as gen/train.py does: a schedule decays over the run's length
+        config = dataclasses.replace(config, decay_steps=config.steps)
     dataset = data.load(args.data, seed=args.seed)
     shape = dataset.shape
     state = family.init(config, shape, args.seed)

@@ -6,16 +6,18 @@ WGAN) D maps data to one real number, a logit. Each step updates D on
 n_critic real batches (n_critic = 1 except WGAN-GP), then G once; every loss
 below is per example, in terms of D's logits, and the step minimises batch
 means. Images enter the networks in [-1, 1] (the tanh generator's range);
-2D points stay in data space.
+2D points stay in data space. With `--ema-decay d` the state also carries an
+exponential moving average of G's weights, which sampling and evaluation use.
 """
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
-from torch.func import grad, grad_and_value, vmap
+from torch.func import grad, grad_and_value, vjp, vmap
 
 from gen import dcgan, nn
 from gen.config import Config
@@ -179,17 +181,48 @@ def networks(config: Config, shape: tuple):
 def init(config: Config, shape: tuple, seed: int) -> Tree:
     generator = torch.Generator().manual_seed(seed)
     (g_params, g_state), (d_params, d_state) = networks_init(config, shape, generator)
-    optimizer = make_optimizer(config)
+    g_optimizer, d_optimizer = optimizers(config)
+    # The average starts at G's initial weights; its own tensors (clone), since Dynamo guards on
+    # identity and safetensors refuses shared storage.
+    ema = {k: v.clone() for k, v in with_prefix("generator", g_params).items()} if config.ema_decay else {}
     return pack_state({**with_prefix("generator", g_params), **with_prefix("discriminator", d_params)},
-                      {"generator": optimizer.init(g_params), "discriminator": optimizer.init(d_params)},
-                      {**with_prefix("generator", g_state), **with_prefix("discriminator", d_state)})
+                      {"generator": g_optimizer.init(g_params), "discriminator": d_optimizer.init(d_params)},
+                      {**with_prefix("generator", g_state), **with_prefix("discriminator", d_state)}, ema)
 
 
-def pack_state(params: Params, opt_state: Tree, model_state: Params) -> Tree:
-    """The state tree; "model_state" only when there is some (batch norm, spectral norm): a
-    checkpoint flattens an empty dict away, and a resumed state must look like a fresh one."""
+def pack_state(params: Params, opt_state: Tree, model_state: Params, ema: Params) -> Tree:
+    """The state tree {"params", "opt_state"[, "model_state"][, "ema"]}, always in this key order
+    (Dynamo guards on it). "model_state" only when there is some (batch norm, spectral norm), "ema"
+    (G's averaged weights, named like params: "generator.…") only with --ema-decay: a checkpoint
+    flattens an empty dict away, and a resumed state must look like a fresh one."""
     state = {"params": params, "opt_state": opt_state}
-    return {**state, "model_state": model_state} if model_state else state
+    if model_state:
+        state["model_state"] = model_state
+    if ema:
+        state["ema"] = ema
+    return state
+
+
+def optimizers(config: Config):
+    """(G's optimizer, D's optimizer), both on the configured learning-rate schedule."""
+    return make_optimizer(config), make_optimizer(discriminator_config(config))
+
+
+def discriminator_config(config: Config) -> Config:
+    """The config D's optimizer is built from. A schedule counts optimizer updates and D makes
+    n_critic of them per step, so D's spans n_critic × decay_steps updates: G's and D's learning
+    rates then decay together to (nearly) zero on the run's last step, instead of D's reaching zero
+    after 1/n_critic of the run."""
+    n_critic = batches_per_step(config)
+    if config.decay_steps is None or n_critic == 1:
+        return config
+    return replace(config, decay_steps=config.decay_steps * n_critic)
+
+
+def reuses_fake(config: Config) -> bool:
+    """Whether G's update reuses the D update's G(z) (pytorch/examples' DCGAN): with one D update
+    per step. WGAN-GP keeps Algorithm 1's fresh z for G after its critic loop."""
+    return batches_per_step(config) == 1 and config.model != "wgan-gp"
 
 
 def batches_per_step(config: Config) -> int:
@@ -197,11 +230,13 @@ def batches_per_step(config: Config) -> int:
 
 
 def make_step(config: Config, shape: tuple):
-    optimizer = make_optimizer(config)
+    g_optimizer, d_optimizer = optimizers(config)
     apply_generator, apply_discriminator = networks(config, shape)
     discriminator_loss, generator_loss = LOSSES[config.gan_loss]
     n_critic = batches_per_step(config)
     penalised = config.model == "wgan-gp"
+    reuse = reuses_fake(config)
+    ema_decay = config.ema_decay
     is_image = len(shape) == 3
 
     def discriminator_objective(d_params, d_state, real, fake, epsilon):
@@ -217,11 +252,16 @@ def make_step(config: Config, shape: tuple):
             metrics["gradient_penalty"] = penalty.mean()
         return loss.mean(), (metrics, d_state)
 
-    def generator_objective(g_params, g_state, d_params, d_state, z):
-        fake, g_state = apply_generator(g_params, g_state, z, True)
+    def fake_objective(fake, d_params, d_state):
+        """G's loss as a function of its samples, under the updated D."""
         fake_logits, d_state = apply_discriminator(d_params, d_state, fake, True)
         loss = generator_loss(fake_logits).mean()
-        return loss, ({"g_loss": loss}, g_state, d_state)
+        return loss, ({"g_loss": loss}, d_state)
+
+    def generator_objective(g_params, g_state, d_params, d_state, z):
+        fake, g_state = apply_generator(g_params, g_state, z, True)
+        loss, (metrics, d_state) = fake_objective(fake, d_params, d_state)
+        return loss, (metrics, g_state, d_state)
 
     def step(state: Tree, batch: Tensor, inputs: dict[str, Tensor]) -> tuple[Tree, dict[str, Tensor]]:
         g_params, d_params = take(state["params"], "generator"), take(state["params"], "discriminator")
@@ -232,29 +272,50 @@ def make_step(config: Config, shape: tuple):
         if is_image:
             real_batches = real_batches * 2 - 1                                # [0, 1] → tanh's [-1, 1]
         for k in range(n_critic):  # unrolled when compiled: n_critic is fixed for the run
-            # G is a constant here: D's gradient does not flow into it, so no detach is needed.
-            fake, _ = apply_generator(g_params, g_state, inputs["z_discriminator"][k], True)
+            z = inputs["z_discriminator"][k]
+            if reuse:
+                # fake = G(z) once, keeping its pullback v ↦ vᵀ ∂G(z)/∂θ_G for G's update below
+                # (this forward also advances G's batch-norm statistics, once per step).
+                fake, generator_vjp, g_state = vjp(
+                    lambda p: apply_generator(p, g_state, z, True), g_params, has_aux=True)
+            else:
+                # G is a constant here: D's gradient does not flow into it, so no detach is needed.
+                fake, _ = apply_generator(g_params, g_state, z, True)
             epsilon = inputs["epsilon"][k] if penalised else None
             grads, (_, (metrics, d_state)) = grad_and_value(discriminator_objective, has_aux=True)(
                 d_params, d_state, real_batches[k], fake, epsilon)
-            d_params, d_opt = optimizer.update(grads, d_opt, d_params)
-        grads, (_, (g_metrics, g_state, d_state)) = grad_and_value(generator_objective, has_aux=True)(
-            g_params, g_state, d_params, d_state, inputs["z_generator"])
-        g_params, g_opt = optimizer.update(grads, g_opt, g_params)
+            d_params, d_opt = d_optimizer.update(grads, d_opt, d_params)
+        if reuse:
+            # The same fake through the updated D: ∂L_G/∂θ_G = (∂G(z)/∂θ_G)ᵀ ∂L_G/∂fake, one vjp
+            # instead of a second forward and backward of G.
+            fake_grad, (g_metrics, d_state) = grad(fake_objective, has_aux=True)(fake, d_params, d_state)
+            (grads,) = generator_vjp(fake_grad)
+        else:
+            grads, (_, (g_metrics, g_state, d_state)) = grad_and_value(generator_objective, has_aux=True)(
+                g_params, g_state, d_params, d_state, inputs["z_generator"])
+        g_params, g_opt = g_optimizer.update(grads, g_opt, g_params)
+        ema = {}
+        if ema_decay:
+            # ema ← d·ema + (1 − d)·θ_G after G's update (Yazıcı et al. 2019, §2)
+            ema = {name: ema_decay * state["ema"][name] + (1 - ema_decay) * value
+                   for name, value in with_prefix("generator", g_params).items()}
         new_state = pack_state({**with_prefix("generator", g_params), **with_prefix("discriminator", d_params)},
                                {"generator": g_opt, "discriminator": d_opt},
-                               {**with_prefix("generator", g_state), **with_prefix("discriminator", d_state)})
+                               {**with_prefix("generator", g_state), **with_prefix("discriminator", d_state)},
+                               ema)
         return new_state, {**metrics, **g_metrics}
 
     return step
 
 
 def make_noise(config: Config, shape: tuple, batch_size: int, generator: torch.Generator) -> dict[str, Tensor]:
-    """z for each critic update (n_critic, B, latent), z for the generator update (B, latent),
-    and for WGAN-GP the interpolation weights ε ~ U[0, 1] (n_critic, B)."""
+    """z for each critic update (n_critic, B, latent); z for the generator update (B, latent) unless
+    it reuses the D update's G(z) (`reuses_fake`); for WGAN-GP the interpolation weights
+    ε ~ U[0, 1] (n_critic, B)."""
     n_critic = batches_per_step(config)
-    noise = {"z_discriminator": torch.randn(n_critic, batch_size, config.latent_dim, generator=generator),
-             "z_generator": torch.randn(batch_size, config.latent_dim, generator=generator)}
+    noise = {"z_discriminator": torch.randn(n_critic, batch_size, config.latent_dim, generator=generator)}
+    if not reuses_fake(config):
+        noise["z_generator"] = torch.randn(batch_size, config.latent_dim, generator=generator)
     if config.model == "wgan-gp":
         noise["epsilon"] = torch.rand(n_critic, batch_size, generator=generator)
     return noise
@@ -262,8 +323,11 @@ def make_noise(config: Config, shape: tuple, batch_size: int, generator: torch.G
 
 @torch.no_grad()
 def generate(state: Tree, config: Config, shape: tuple, n: int, generator: torch.Generator) -> Tensor:
-    """G(z), z ~ N(0, I), batch norm on its running statistics: images in [0, 1], points in data space."""
-    params = take(state["params"], "generator")
+    """G(z), z ~ N(0, I), batch norm on its running statistics: images in [0, 1], points in data space.
+
+    With an EMA in the state, G runs on the averaged weights (Yazıcı et al. 2019); batch norm's
+    running statistics are the live model's, as there is no average of them."""
+    params = take(state.get("ema") or state["params"], "generator")
     device = next(iter(params.values())).device
     z = torch.randn(n, config.latent_dim, generator=generator).to(device)
     apply_generator, _ = networks(config, shape)

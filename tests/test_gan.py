@@ -1,6 +1,5 @@
 import contextlib
 import math
-import os
 
 import pytest
 import torch
@@ -200,7 +199,10 @@ def test_wgan_gp_step_takes_n_critic_real_batches():
 
 
 def test_gan_step_compiles_once_and_matches_eager():
-    config = family_config("gan", data="ring8", hidden_dim=32, batch_size=64)
+    # Everything that could add a graph or a guard: PacGAN packing, the reused G(z) and its vjp,
+    # the learning rate from the 0-d step count (linear decay), the generator EMA.
+    config = family_config("gan", data="ring8", hidden_dim=32, batch_size=64, pack=2, lr_schedule="linear",
+                           decay_steps=3, ema_decay=0.9)
     shape = (2,)
     state = gan.init(config, shape, 0)
     step = gan.make_step(config, shape)
@@ -210,6 +212,7 @@ def test_gan_step_compiles_once_and_matches_eager():
     torch._dynamo.reset()
     for i in range(3):
         inputs = noise(config, shape, 64, i)
+        previous_ema = compiled_state["ema"]
         # the first call compiles; any later compile would raise
         with torch.compiler.set_stance("fail_on_recompile") if i > 0 else contextlib.nullcontext():
             compiled_state, compiled_metrics = compiled(compiled_state, batches[i], inputs)
@@ -217,21 +220,129 @@ def test_gan_step_compiles_once_and_matches_eager():
         if i == 0:  # losses agree on the same inputs (not params after Adam: its first step amplifies noise)
             for name in eager_metrics:
                 assert torch.allclose(compiled_metrics[name], eager_metrics[name], atol=1e-5), name
+        assert list(compiled_state) == list(state) == ["params", "opt_state", "ema"]
+        for name, average in compiled_state["ema"].items():
+            expected = 0.9 * previous_ema[name] + 0.1 * compiled_state["params"][name]
+            assert torch.allclose(average, expected, atol=1e-6), name
+    from torch._dynamo.utils import counters
+    assert counters["stats"]["unique_graphs"] == 1
 
 
-@pytest.mark.skipif(not os.environ.get("GEN_SLOW_TESTS"), reason="minutes of CPU; set GEN_SLOW_TESTS=1")
-def test_short_ring8_training_captures_several_modes():
-    # PacGAN's definition: ≥ 20 of 2,500 samples within 3σ = 0.06 of a mode. Precision that fine
-    # takes thousands of steps; see docs/gan_results.md.
-    config = family_config("gan", data="ring8", pack=4)
+def test_ema_update_follows_its_equation_and_starts_at_the_initial_weights():
+    config = family_config("gan", data="ring8", hidden_dim=8, batch_size=8, ema_decay=0.75)
+    state = gan.init(config, (2,), 0)
+    g_params = {k: v for k, v in state["params"].items() if k.startswith("generator.")}
+    assert list(state["ema"]) == list(g_params)
+    for name, value in g_params.items():
+        assert torch.equal(state["ema"][name], value) and state["ema"][name] is not value, name
+    new, _ = gan.make_step(config, (2,))(state, torch.randn(8, 2), noise(config, (2,), 8))
+    assert list(new) == list(state) == ["params", "opt_state", "ema"] and list(new["ema"]) == list(state["ema"])
+    for name in g_params:  # ema ← d·ema + (1 − d)·θ_G, θ_G after this step's update
+        assert not torch.equal(new["params"][name], state["params"][name]), name
+        expected = 0.75 * state["ema"][name] + 0.25 * new["params"][name]
+        assert torch.allclose(new["ema"][name], expected, atol=1e-7), name
+    assert "ema" not in gan.init(family_config("gan", hidden_dim=8), (2,), 0)  # off by default
+
+
+@pytest.mark.parametrize("model, shape", [("gan", (2,)), ("dcgan", (1, 8, 8))])
+def test_sampling_and_evaluation_use_the_ema_weights(model, shape):
+    config = family_config(model, hidden_dim=8, batch_size=8, ema_decay=0.5)
+    state = gan.init(config, shape, 0)
+    state, _ = gan.make_step(config, shape)(state, torch.rand(8, *shape), noise(config, shape, 8))
+    sample = lambda s: gan.generate(s, config, shape, 16, torch.Generator().manual_seed(3))  # noqa: E731
+    swapped = {**state, "params": {**state["params"], **state["ema"]}}      # EMA weights as the live ones
+    without = {k: v for k, v in state.items() if k != "ema"}
+    assert torch.equal(sample(state), sample(swapped))
+    assert not torch.allclose(sample(state), sample(without))
+    if model == "gan":
+        dataset = data.load("ring8", seed=0)
+        assert gan.evaluate(state, config, dataset, 0) == gan.evaluate(swapped, config, dataset, 0)
+
+
+def test_ema_and_lr_decay_survive_checkpoint_resume_exactly(tmp_path):
+    from gen import checkpoint, train as training
+    config = Config(model="gan", data="ring8", hidden_dim=16, batch_size=64, steps=8, ema_decay=0.9,
+                    lr_schedule="linear", decay_steps=8, compile=False, log_every=4)
+    training.train(config, tmp_path / "straight", show_progress=False)
+    training.train(Config(**{**config.to_dict(), "steps": 4}), tmp_path / "resumed", show_progress=False)
+    # the half-way checkpoint lays out like a fresh state (conform checks names, shapes, order)
+    half, _ = checkpoint.load(tmp_path / "resumed" / training.CHECKPOINT)
+    fresh = gan.init(family_config("gan", **{k: v for k, v in config.to_dict().items() if k != "model"}), (2,), 0)
+    conformed = checkpoint.conform("half", half, fresh)
+    assert list(conformed) == list(fresh) == ["params", "opt_state", "ema"]
+    assert list(conformed["ema"]) == list(fresh["ema"])
+    training.train(config, tmp_path / "resumed", resume=True, show_progress=False)
+    straight, _ = checkpoint.load(tmp_path / "straight" / training.CHECKPOINT)
+    resumed, metadata = checkpoint.load(tmp_path / "resumed" / training.CHECKPOINT)
+    assert metadata["step"] == 8
+    for part in ("params", "ema"):
+        for name, tensor in straight[part].items():
+            assert torch.equal(tensor, resumed[part][name]), (part, name)
+
+
+def test_lr_schedule_reaches_both_optimizers_over_the_whole_run():
+    # D makes n_critic updates per step, so its schedule spans n_critic × decay_steps updates: both
+    # learning rates start at lr and fall linearly to (nearly) zero on the run's last step.
+    config = family_config("wgan-gp", hidden_dim=8, lr_schedule="linear", decay_steps=10, n_critic=5)
+    g_lr = models.learning_rate(config)
+    d_lr = models.learning_rate(gan.discriminator_config(config))
+    first, last = torch.tensor(1), torch.tensor(10)
+    assert float(g_lr(first)) == float(d_lr(first)) == pytest.approx(config.lr)
+    assert float(g_lr(last)) == pytest.approx(config.lr / 10, rel=1e-5)
+    assert float(d_lr(5 * last)) == pytest.approx(config.lr / 50, rel=1e-5)
+    assert float(d_lr(5 * last)) > 0 and float(d_lr(5 * last + 1)) == 0
+    plain = family_config("gan", lr_schedule="cosine", decay_steps=10)
+    assert gan.discriminator_config(plain) == plain
+
+
+@pytest.mark.parametrize("model, shape", [("gan", (2,)), ("dcgan", (1, 8, 8))])
+def test_reused_fake_gives_the_generator_update_of_a_fresh_forward(model, shape, monkeypatch):
+    # The step pulls ∂L_G/∂fake back through the D update's G(z); recomputing G(z) for the G update
+    # (the path WGAN-GP takes) with the same z must give the same update. SGD without momentum, so
+    # params move by -lr·g and compare like gradients do.
+    config = family_config(model, hidden_dim=16, batch_size=8, optimizer="sgd", momentum=0.0, lr=0.1)
+    state = gan.init(config, shape, 0)
+    batch = torch.rand(8, *shape, generator=torch.Generator().manual_seed(1))
+    inputs = noise(config, shape, 8)
+    assert gan.reuses_fake(config) and set(inputs) == {"z_discriminator"}
+    reused, reused_metrics = gan.make_step(config, shape)(state, batch, inputs)
+    monkeypatch.setattr(gan, "reuses_fake", lambda config: False)
+    fresh, fresh_metrics = gan.make_step(config, shape)(
+        state, batch, {**inputs, "z_generator": inputs["z_discriminator"][0]})
+    for part in ("params", "model_state"):
+        for name, value in fresh.get(part, {}).items():
+            assert torch.allclose(reused[part][name], value, atol=1e-6), name
+    for name, value in fresh_metrics.items():
+        assert torch.allclose(reused_metrics[name], value, atol=1e-6), name
+
+
+@pytest.fixture
+def one_thread():
+    # One thread: the settings below were checked at one thread, and matmul sums can round
+    # differently with more; also the cheapest for steps this small.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_short_ring8_training_captures_several_modes(one_thread):
+    # PacGAN's definition: ≥ 20 of 2,500 samples within 3σ = 0.06 of a mode. 4,000 eager steps,
+    # about 20 s on one contended core. Settings found on 2-core CPU, final (modes, high quality %)
+    # for seeds 0-5: (8, 78), (8, 75), (7, 44), (7, 68), (8, 79), (8, 62). What made the difference:
+    # the linear decay (precision: 8-40 % high quality at constant lr), pack 4 with batch 1024
+    # (pack 1 collapsed to one mode on 2 of 3 seeds) and latent_dim 2 (latent 8: 5 modes on seed 1,
+    # the mass there but too spread). 6 of 8 leaves a margin for that variation.
+    config = family_config("gan", data="ring8", steps=4000, batch_size=1024, pack=4, hidden_dim=64, lr=2e-3,
+                           latent_dim=2, lr_schedule="linear", decay_steps=4000)
     dataset = data.load("ring8", seed=0)
     state = gan.init(config, dataset.shape, 0)
     step = gan.make_step(config, dataset.shape)
     stream = (b for epoch in range(100) for b in data.batches(dataset.train, config.batch_size, 0, epoch))
-    for index in range(5000):
+    for index in range(config.steps):
         state, _ = step(state, next(stream), noise(config, dataset.shape, config.batch_size, index))
     results = gan.evaluate(state, config, dataset, seed=0)
-    assert results["modes_captured"] >= 3, results
+    assert results["modes_captured"] >= 6, results
 
 
 def test_evaluate_reports_mode_coverage_for_mixtures_only():
