@@ -7,6 +7,7 @@ modes alike and their ratios stay meaningful (nanoGPT's bench.py: burn-in,
 then time, synchronising the device).
 
     compiled   gen's pure step under torch.compile(fullgraph=True, dynamic=False)
+    donated    the same, through gen.optim.donate: the new state written into the old buffers
     eager      the same pure step, uncompiled
     module     bench/peers.py: nn.Module + torch.optim written as pytorch/examples writes it
     vmap-N     N independent models in one step: torch.compile(vmap(step)) over stacked states
@@ -46,7 +47,7 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from gen import models
+from gen import models, optim
 from gen.config import Config, resolve
 from gen.tree import Tree, to_device, tree_map
 
@@ -58,7 +59,7 @@ MODELS = {
     "gan-2d": ("gan", (2,), (256,)),
     "wgan-gp": ("wgan-gp", (2,), (256,)),
 }
-MODES = ("compiled", "eager", "module")  # the default set
+MODES = ("compiled", "donated", "eager", "module")  # the default set
 CUDA_MODES = ("compiled-ro", "compiled-bf16")  # asked for by name; skipped with a note on CPU
 CHANNELS_LAST = ("conv-vae", "dcgan")  # conv models whose compiled step gets channels-last weights and images
 POOL = 4  # distinct batches/noise draws cycled through, so no step sees the very same tensors twice in a row
@@ -71,7 +72,7 @@ def compile_step(step: Callable, mode: str | None = None) -> Callable:
 
 
 def is_compiled(mode: str) -> bool:
-    return mode == "compiled" or mode.startswith(("compiled-", "vmap-"))
+    return mode in ("compiled", "donated") or mode.startswith(("compiled-", "vmap-"))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -232,6 +233,8 @@ def make_runner(mode: str, model: str, config: Config, shape: tuple, device: tor
         state = to_device(family.init(config, shape, seed), device)
         if mode == "compiled-bf16":
             step = autocast_step(step, device)
+        if mode == "donated":
+            step = optim.donate(step)  # returns only the metrics; `state` is overwritten in place
         if is_compiled(mode):
             step = compile_step(step, "reduce-overhead" if mode == "compiled-ro" else None)
     pool = synthetic_inputs(family, config, shape, device, seed, models_stacked=members)
@@ -246,6 +249,8 @@ def make_runner(mode: str, model: str, config: Config, shape: tuple, device: tor
         pool = [(channels_last(batch), inputs) for batch, inputs in pool]
     if mode == "compiled-ro":
         return cudagraph_runner(step, state, pool)
+    if mode == "donated":
+        return donated_runner(step, state, pool)
     holder = {"state": state}
 
     def advance(n: int) -> None:
@@ -254,6 +259,16 @@ def make_runner(mode: str, model: str, config: Config, shape: tuple, device: tor
             batch, inputs = pool[index % POOL]
             state, _ = step(state, batch, inputs)
         holder["state"] = state
+    return advance
+
+
+def donated_runner(stepped: Callable, state: Tree, pool: list) -> Callable[[int], None]:
+    """`advance(n)` for the donated mode: `stepped` (compiled gen.optim.donate(step))
+    overwrites `state` in place each call; the same dict and tensors throughout."""
+    def advance(n: int) -> None:
+        for index in range(n):
+            batch, inputs = pool[index % POOL]
+            stepped(state, batch, inputs)
     return advance
 
 
@@ -380,7 +395,7 @@ def available_modes(modes: list[str] | None, device: torch.device | str = "cpu")
     for mode in modes:
         if mode not in MODES + CUDA_MODES and not (mode.startswith("vmap-") and mode[5:].isdigit()
                                                    and int(mode[5:]) > 0):
-            raise ValueError(f"unknown mode '{mode}': use compiled, eager, module, vmap-N (N models at once), "
+            raise ValueError(f"unknown mode '{mode}': use compiled, donated, eager, module, vmap-N (N models at once), "
                              f"or on CUDA {' or '.join(CUDA_MODES)}")
     if torch.device(device).type != "cuda":
         for mode in [m for m in modes if m in CUDA_MODES]:

@@ -10,6 +10,7 @@ tensors and never mutates its inputs. The step count is a 0-d tensor, so a
 compiled step that calls `update` sees the same graph every iteration.
 """
 
+import math
 from typing import Callable, NamedTuple
 
 import torch
@@ -48,8 +49,15 @@ def adam(lr: float | Schedule = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: f
         count = state["count"] + 1
         t = count.to(torch.float64)
         lr_t = _learning_rate(lr, count)
-        bias_correction1 = (1 - b1 ** t).to(torch.float32)
-        bias_correction2 = (1 - b2 ** t).to(torch.float32)
+        # Per-step scalars, in torch.optim.Adam's form (float64, then float32):
+        #   step_size = α / (1 - β1^t),   bias_correction2_sqrt = √(1 - β2^t)
+        # β^t is written exp(t log β) on purpose. Inductor inlines cheap scalar expressions
+        # into every loop that reads them, so `β ** t` became a double-precision pow()
+        # per 16 parameters (two per vector, 80k calls per VAE step: 1.5 ms of its Adam
+        # kernels on 2 cores); an expression with exp in it that several kernels read is
+        # computed once into a buffer instead (measured: the VAE's Adam 1.54 → 0.62 ms).
+        step_size = (lr_t / (1 - torch.exp(t * math.log(b1)))).to(torch.float32)
+        bias_correction2_sqrt = (1 - torch.exp(t * math.log(b2))).sqrt().to(torch.float32)
         new_params, mu, nu = {}, {}, {}
         for k, g in grads.items():
             p = params[k]
@@ -57,9 +65,10 @@ def adam(lr: float | Schedule = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: f
                 p = p * (1 - lr_t * weight_decay)              # decoupled weight decay
             mu[k] = b1 * state["mu"][k] + (1 - b1) * g          # first moment estimate
             nu[k] = b2 * state["nu"][k] + (1 - b2) * g * g      # second moment estimate
-            mu_hat = mu[k] / bias_correction1                   # bias-corrected first moment
-            nu_hat = nu[k] / bias_correction2                   # bias-corrected second moment
-            new_params[k] = p - lr_t * mu_hat / (nu_hat.sqrt() + eps)
+            # θ ← θ - α/(1 - β1^t) · m / (√v / √(1 - β2^t) + ε): Algorithm 1's update with the
+            # bias corrections folded into the two scalars, one division per parameter.
+            denominator = nu[k].sqrt() / bias_correction2_sqrt + eps
+            new_params[k] = p - step_size * (mu[k] / denominator)
         return new_params, {"count": count, "mu": mu, "nu": nu}
 
     return Optimizer(init, update)
@@ -117,3 +126,41 @@ def cosine_decay(lr: float, decay_steps: int) -> Schedule:
 
 def _device(params: Params) -> torch.device:
     return next(iter(params.values())).device if params else torch.device("cpu")
+
+
+# --- donation: a pure step that writes its new state into the old one's buffers ------------
+
+
+def donate(step: Callable) -> Callable:
+    """`step(state, *args) -> (new_state, aux)` as `donating_step(state, *args) -> aux`,
+    which writes new_state into the tensors of `state`: JAX's donate_argnums, for a
+    caller that never needs the old state again (a training loop).
+
+        stepped = torch.compile(optim.donate(step), fullgraph=True, dynamic=False)
+        metrics = stepped(state, batch, inputs)      # `state` now holds the next state
+
+    Compiled, AOTAutograd sees the copies as mutations of graph inputs and Inductor
+    re-inplaces them: the fused optimizer kernels store the new parameters and moments
+    straight into the old storage — no new buffers each step, and the stores hit the
+    cache lines the same kernels just read. The numbers are the pure step's, bit for
+    bit (tests/test_optim.py). Only aux is returned: handing the 30-odd state tensors
+    back out as aliases of the inputs cost about 0.2 ms a call (VAE, 1 thread).
+
+    The contract: the state passed in is overwritten, so snapshots must be cloned
+    first; no two leaves may share storage (init keeps mu and nu apart); and an
+    exception or Ctrl-C in the middle of a step can leave the state half-updated,
+    which a pure step never does."""
+    def donating_step(state, *args):
+        new_state, aux = step(state, *args)
+        old_leaves, new_leaves = _leaves(state), _leaves(new_state)
+        if len(old_leaves) != len(new_leaves):
+            raise ValueError("donate: the step returned a state of another structure than it was given")
+        for old, new in zip(old_leaves, new_leaves):
+            old.copy_(new)
+        return aux
+    return donating_step
+
+
+def _leaves(tree: dict) -> list[Tensor]:
+    """Every tensor of a nested dict, in key order."""
+    return [leaf for value in tree.values() for leaf in (_leaves(value) if isinstance(value, dict) else [value])]

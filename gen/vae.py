@@ -61,9 +61,23 @@ def mlp_init(generator: torch.Generator, input_dim: int, hidden_dim: int, latent
     }
 
 
+def gaussian_heads(params: Params, h: Tensor) -> tuple[Tensor, Tensor]:
+    """(μ, log σ²) = h [W_μ; W_logσ²]ᵀ + [b_μ; b_logσ²], split in two: one (B, 2d) matmul
+    instead of two (B, d) ones.
+
+    The params keep pytorch/examples' two layers (fc21, fc22: `encoder.mean`,
+    `encoder.log_variance`); the concatenation is inside the step, so its
+    backward is a split and the gradients land on the two weights as before.
+    Forward and backward then make 3 small matmul calls fewer per step."""
+    mean, log_variance = take(params, "encoder.mean"), take(params, "encoder.log_variance")
+    weight = torch.cat([mean["weight"], log_variance["weight"]])          # (2d, hidden)
+    bias = torch.cat([mean["bias"], log_variance["bias"]])                # (2d,)
+    return F.linear(h, weight, bias).chunk(2, dim=-1)
+
+
 def mlp_encode(params: Params, x: Tensor) -> tuple[Tensor, Tensor]:
     h = F.relu(nn.linear(take(params, "encoder.hidden"), rearrange(x, "b ... -> b (...)")))
-    return nn.linear(take(params, "encoder.mean"), h), nn.linear(take(params, "encoder.log_variance"), h)
+    return gaussian_heads(params, h)
 
 
 def mlp_decode(params: Params, z: Tensor, shape: tuple) -> Tensor:
@@ -92,7 +106,7 @@ def conv_encode(params: Params, x: Tensor) -> tuple[Tensor, Tensor]:
     h = F.relu(nn.conv2d(take(params, "encoder.conv1"), x, stride=2, padding=1))   # (B, 32, H/2, W/2)
     h = F.relu(nn.conv2d(take(params, "encoder.conv2"), h, stride=2, padding=1))   # (B, 64, H/4, W/4)
     h = F.relu(nn.linear(take(params, "encoder.hidden"), rearrange(h, "b c h w -> b (c h w)")))
-    return nn.linear(take(params, "encoder.mean"), h), nn.linear(take(params, "encoder.log_variance"), h)
+    return gaussian_heads(params, h)
 
 
 def conv_decode(params: Params, z: Tensor, shape: tuple) -> Tensor:
