@@ -55,3 +55,16 @@ def test_make_optimizer_builds_the_configured_schedule():
 def test_invalid_settings_are_named(config, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         validate(config)
+
+
+def test_adam_with_zero_first_moment_decay_matches_torch():
+    """β1 = 0 (SNGAN's and WGAN-GP's usual Adam) must not trip on log(0)."""
+    params = {"w": torch.tensor([1.0, -2.0])}
+    grads = {"w": torch.tensor([0.5, 0.25])}
+    adam = optim.adam(2e-4, 0.0, 0.9)
+    new_params, _ = adam.update(grads, adam.init(params), params)
+    reference = params["w"].clone().requires_grad_()
+    torch_adam = torch.optim.Adam([reference], lr=2e-4, betas=(0.0, 0.9))
+    reference.grad = grads["w"].clone()
+    torch_adam.step()
+    assert torch.allclose(new_params["w"], reference.detach(), atol=1e-7)
