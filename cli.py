@@ -50,15 +50,16 @@ def train(
     beta: Annotated[float, typer.Option(help="β-VAE weight on the KL term")] = 1.0,
     iwae_k: Annotated[int, typer.Option(help="importance samples for the IWAE bound (1: ELBO)")] = 1,
     latent_dim: Annotated[Optional[int], typer.Option(help="size of z")] = None,
-    lr_schedule: Annotated[str, typer.Option(help="constant | linear | cosine (decay to 0 over the run)")] = "constant",
+    lr_schedule: Annotated[Optional[str], typer.Option(help="constant | linear | cosine (decay to 0 over the "
+                                                            "run)")] = None,
     hidden_dim: Annotated[Optional[int], typer.Option(help="width of the hidden layers (MLP models)")] = None,
     gan_loss: Annotated[Optional[str], typer.Option(help="GAN: minimax | non-saturating | wasserstein | "
                                                         "hinge")] = None,
     n_critic: Annotated[Optional[int], typer.Option(help="WGAN-GP: critic updates per generator update")] = None,
     gp_weight: Annotated[float, typer.Option(help="WGAN-GP: gradient penalty weight λ")] = 10.0,
     pack: Annotated[Optional[int], typer.Option(help="PacGAN: samples the discriminator judges jointly")] = None,
-    ema_decay: Annotated[float, typer.Option(help="GAN: decay of the generator's weight average, used for "
-                                                  "sampling (0: off)")] = 0.0,
+    ema_decay: Annotated[Optional[float], typer.Option(help="GAN: decay of the generator's weight average, "
+                                                            "used for sampling (0: off)")] = None,
     seed: Annotated[int, typer.Option(help="seed for init, data order and noise")] = 0,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the step")] = True,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",

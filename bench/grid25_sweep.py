@@ -88,6 +88,9 @@ CONFIGS = {
     # the other families, family defaults + decay (WGAN-GP: Adam(1e-4, 0.5, 0.9), 5 critic steps)
     "wgan-gp-decay": ({"model": "wgan-gp", "batch_size": 256, "hidden_dim": 128, **DECAY}, (0,),
                       steps_for("wgan-gp")),
+    # SNGAN covered 24 modes at lr 2e-4 but was still tightening: a higher rate, and the EMA
+    "sngan-lr1e-3-decay-ema": ({"model": "sngan", "batch_size": 512, "hidden_dim": 128, "lr": 1e-3, **DECAY, **EMA},
+                               (0, 1, 2), steps_for("sngan")),
     "sngan-decay": ({"model": "sngan", "batch_size": 512, "hidden_dim": 128, "lr": 2e-4, **DECAY}, (0,),
                     steps_for("sngan")),
 }

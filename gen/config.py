@@ -23,7 +23,7 @@ class Config:
     b2: float | None = None
     weight_decay: float = 0.0
     momentum: float = 0.9            # sgd only
-    lr_schedule: str = "constant"    # constant | linear | cosine: decays lr to 0 over decay_steps
+    lr_schedule: str | None = None   # constant | linear | cosine: decays lr to 0 over decay_steps
     decay_steps: int | None = None   # filled by the training loop with the run's length
     seed: int = 0
     # VAE family
@@ -36,7 +36,7 @@ class Config:
     n_critic: int | None = None
     gp_weight: float = 10.0
     pack: int | None = None          # PacGAN: the discriminator judges `pack` samples jointly
-    ema_decay: float = 0.0           # > 0: also keep an exponential moving average of G's weights
+    ema_decay: float | None = None   # > 0: also keep an exponential moving average of G's weights
     # running
     compile: bool = True
     device: str = "auto"
@@ -53,9 +53,14 @@ class Config:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
+# Defaults for every family, where the family's own defaults say nothing.
+COMMON_DEFAULTS = {"lr_schedule": "constant", "ema_decay": 0.0}
+
+
 def resolve(config: Config, defaults: dict) -> Config:
-    """Fill every None field that the model family has a default for, except the
-    run's length (epochs/steps), which depends on the data too (gen/train.py)."""
+    """Fill every None field that the model family (else COMMON_DEFAULTS) has a default for,
+    except the run's length (epochs/steps), which depends on the data too (gen/train.py)."""
+    defaults = {**COMMON_DEFAULTS, **defaults}
     filled = {k: v for k, v in defaults.items() if getattr(config, k) is None and k not in ("epochs", "steps")}
     return dataclasses.replace(config, **filled)
 
@@ -73,9 +78,9 @@ def validate(config: Config) -> None:
         (config.iwae_k == 1 or config.beta == 1.0, "--beta weights the ELBO's KL term; IWAE (--iwae-k > 1) "
                                                    "has no such term, so drop one of the two"),
         (config.optimizer in ("adam", "adamw", "sgd"), "--optimizer must be adam, adamw or sgd"),
-        (config.lr_schedule in ("constant", "linear", "cosine"), "--lr-schedule must be constant, linear or cosine"),
+        (config.lr_schedule in (None, "constant", "linear", "cosine"), "--lr-schedule must be constant, linear or cosine"),
         (config.decay_steps is None or config.decay_steps >= 1, "decay_steps must be at least 1"),
-        (0.0 <= config.ema_decay < 1.0, "--ema-decay must be in [0, 1): 0 turns the average off"),
+        (config.ema_decay is None or 0.0 <= config.ema_decay < 1.0, "--ema-decay must be in [0, 1): 0 turns the average off"),
         (config.gan_loss in (None, "minimax", "non-saturating", "wasserstein", "hinge"),
          "--gan-loss must be minimax, non-saturating, wasserstein or hinge"),
         (config.gp_weight >= 0, "--gp-weight must be non-negative"),

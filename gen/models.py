@@ -43,7 +43,7 @@ class Family(NamedTuple):
 def learning_rate(config: Config) -> float | optim.Schedule:
     """config.lr, or a schedule decaying it over config.decay_steps (the run's length,
     filled in by the training loop)."""
-    if config.lr_schedule == "constant":
+    if config.lr_schedule in (None, "constant"):
         return config.lr
     if config.decay_steps is None:
         raise ValueError(f"--lr-schedule {config.lr_schedule} needs the run's length: give --epochs or --steps")
