@@ -91,6 +91,9 @@ CONFIGS = {
     # SNGAN covered 24 modes at lr 2e-4 but was still tightening: a higher rate, and the EMA
     "sngan-lr1e-3-decay-ema": ({"model": "sngan", "batch_size": 512, "hidden_dim": 128, "lr": 1e-3, **DECAY, **EMA},
                                (0, 1, 2), steps_for("sngan")),
+    # WGAN-GP at its usual 1e-4 found no mode in 5,500 steps: the rate that works for the others
+    "wgan-gp-lr1e-3-decay-ema": ({"model": "wgan-gp", "batch_size": 256, "hidden_dim": 128, "lr": 1e-3, **DECAY, **EMA},
+                                 (0,), steps_for("wgan-gp")),
     "sngan-decay": ({"model": "sngan", "batch_size": 512, "hidden_dim": 128, "lr": 2e-4, **DECAY}, (0,),
                     steps_for("sngan")),
 }
