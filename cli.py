@@ -192,21 +192,26 @@ def _leaves(tree: dict):
 
 @app.command()
 def bench(
-    models: Annotated[Optional[list[str]], typer.Argument(help="vae conv-vae dcgan gan-2d wgan-gp (default all)")]
+    models: Annotated[Optional[list[str]], typer.Argument(help="vae conv-vae dcgan gan-2d wgan-gp (default all); "
+                                                              "MODEL:B1,B2 gives that model its own batch sizes")]
         = None,
     batch_size: Annotated[Optional[list[int]], typer.Option(help="batch sizes (repeatable)")] = None,
     steps: Annotated[int, typer.Option(help="timed steps per repeat")] = 20,
     repeats: Annotated[int, typer.Option(help="repeats per mode (median reported)")] = 5,
-    mode: Annotated[Optional[list[str]], typer.Option(help="compiled | eager | module (repeatable)")] = None,
+    mode: Annotated[Optional[list[str]], typer.Option(help="compiled | donated | eager | module | vmap-N | "
+                                                           "compiled-ro | compiled-bf16 (CUDA) (repeatable)")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     json: Annotated[Optional[str], typer.Option(help="also write the results as JSON")] = None,
+    time_budget: Annotated[Optional[float], typer.Option(help="seconds after which nothing new starts")] = None,
+    compile_times: Annotated[bool, typer.Option("--compile-times/--no-compile-times",
+                                                help="measure cold and warm compiles in fresh processes")] = True,
 ) -> None:
-    """Time the training step of each model: compiled, eager and nn.Module peer."""
+    """Time the training step of each model: compiled, donated, eager and the nn.Module peer."""
     from gen import bench as harness
 
     try:
         harness.main(models=models, batch_sizes=batch_size, steps=steps, repeats=repeats, device=device,
-                     json_path=json, modes=mode)
+                     json_path=json, modes=mode, measure_compile=compile_times, time_budget=time_budget)
     except expected_errors() as error:
         fail(str(error))
 
