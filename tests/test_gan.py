@@ -13,6 +13,8 @@ from gen.tree import take
 
 
 def family_config(name: str, **overrides) -> Config:
+    # A run's length, which the training loop fills in for a decaying learning rate (SNGAN's default).
+    overrides.setdefault("decay_steps", 100)
     return resolve(Config(model=name, **overrides), models.get(name).defaults)
 
 
