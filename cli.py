@@ -168,6 +168,7 @@ def info(source: Annotated[Path, typer.Argument(help="a run folder or a checkpoi
     """Print a checkpoint's model, data, step, parameter count and config."""
     from gen import checkpoint
     from gen.train import CHECKPOINT
+    from gen.tree import count_parameters
 
     path = source / CHECKPOINT if source.is_dir() else source
     try:
@@ -175,7 +176,7 @@ def info(source: Annotated[Path, typer.Argument(help="a run folder or a checkpoi
     except expected_errors() as error:
         fail(str(error))
     params = state.get("params", {})
-    count = sum(t.numel() for t in _leaves(params))
+    count = count_parameters(params)
     config = metadata["config"]
     typer.echo(f"model:      {metadata['model']}")
     typer.echo(f"data:       {config.get('data')} {tuple(metadata.get('shape', ()))}")
@@ -183,11 +184,6 @@ def info(source: Annotated[Path, typer.Argument(help="a run folder or a checkpoi
     typer.echo(f"parameters: {count:,}")
     typer.echo(f"versions:   gen {metadata.get('gen_version')}, torch {metadata.get('torch_version')}")
     typer.echo("config:     " + ", ".join(f"{k}={v}" for k, v in config.items()))
-
-
-def _leaves(tree: dict):
-    for value in tree.values():
-        yield from _leaves(value) if isinstance(value, dict) else [value]
 
 
 @app.command()

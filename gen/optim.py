@@ -16,7 +16,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from gen.tree import Params
+from gen.tree import Params, leaves
 
 OptState = dict  # {"count": Tensor, "mu": Params, ...}
 Schedule = Callable[[Tensor], Tensor]  # step count -> learning rate
@@ -157,7 +157,7 @@ def donate(step: Callable) -> Callable:
     which a pure step never does."""
     def donating_step(state, *args):
         new_state, aux = step(state, *args)
-        old_leaves, new_leaves = _leaves(state), _leaves(new_state)
+        old_leaves, new_leaves = leaves(state), leaves(new_state)
         if len(old_leaves) != len(new_leaves):
             raise ValueError("donate: the step returned a state of another structure than it was given")
         for old, new in zip(old_leaves, new_leaves):
@@ -165,7 +165,3 @@ def donate(step: Callable) -> Callable:
         return aux
     return donating_step
 
-
-def _leaves(tree: dict) -> list[Tensor]:
-    """Every tensor of a nested dict, in key order."""
-    return [leaf for value in tree.values() for leaf in (_leaves(value) if isinstance(value, dict) else [value])]

@@ -55,6 +55,11 @@ def tree_map(fn: Callable[[Tensor], Tensor], tree: Tree) -> Tree:
     return {k: tree_map(fn, v) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
 
 
+def leaves(tree: Tree) -> list[Tensor]:
+    """Every tensor of the tree, depth first in key order (the order of `flatten`)."""
+    return list(flatten(tree).values())
+
+
 def count_parameters(params: Params) -> int:
     return sum(p.numel() for p in params.values())
 

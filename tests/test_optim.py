@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from gen import optim
+from gen.tree import leaves
 
 
 def run_both(functional, make_torch, steps=25, seed=0):
@@ -85,7 +86,7 @@ def test_donated_step_is_the_pure_step_in_place_one_graph():
     torch._dynamo.reset()
     pure, donated = (torch.compile(f, fullgraph=True, dynamic=False) for f in (step, optim.donate(step)))
     expected, state = fresh(), fresh()
-    buffers = [t.data_ptr() for t in optim._leaves(state)]
+    buffers = [t.data_ptr() for t in leaves(state)]
     try:
         for index in range(6):
             expected, expected_metrics = pure(expected, *batches[index % 3])
@@ -94,7 +95,7 @@ def test_donated_step_is_the_pure_step_in_place_one_graph():
                 torch.compiler.set_stance("fail_on_recompile")  # raises if a later call compiles again
     finally:
         torch.compiler.set_stance("default")
-    assert [t.data_ptr() for t in optim._leaves(state)] == buffers  # written in place
-    for got, want in zip(optim._leaves(state), optim._leaves(expected)):
+    assert [t.data_ptr() for t in leaves(state)] == buffers  # written in place
+    for got, want in zip(leaves(state), leaves(expected)):
         assert torch.equal(got, want)
     assert torch.equal(metrics["loss"], expected_metrics["loss"]) and state["opt_state"]["count"].item() == 6
