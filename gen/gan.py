@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 from torch.func import grad, grad_and_value, vjp, vmap
+from torch.utils._pytree import tree_flatten, tree_structure, tree_unflatten
 
 from gen import dcgan, nn
 from gen.config import Config
@@ -263,6 +264,27 @@ def make_step(config: Config, shape: tuple):
         loss, (metrics, d_state) = fake_objective(fake, d_params, d_state)
         return loss, (metrics, g_state, d_state)
 
+    metric_names = ("d_loss", "d_real", "d_fake") + (("gradient_penalty",) if penalised else ())
+
+    @torch.compiler.nested_compile_region
+    def critic_update_leaves(d_params, d_opt, d_state, g_params, g_state, real, z, epsilon):
+        # G is a constant here: D's gradient does not flow into it, so no detach is needed.
+        fake, _ = apply_generator(g_params, g_state, z, True)
+        grads, (_, (metrics, d_state)) = grad_and_value(discriminator_objective, has_aux=True)(
+            d_params, d_state, real, fake, epsilon)
+        d_params, d_opt = d_optimizer.update(grads, d_opt, d_params)
+        return tuple(tree_flatten((d_params, d_opt, d_state, {k: metrics[k] for k in metric_names}))[0])
+
+    def critic_update(d_params, d_opt, d_state, g_params, g_state, real, z, epsilon):
+        """One of the n_critic critic updates. Dynamo traces it once and stamps that graph out for
+        the others (torch.compiler.nested_compile_region), instead of tracing the gradient penalty's
+        double backward n_critic times: WGAN-GP's compile went from 65 to 25 s cold, 9.2 to 5.6 s
+        warm. A reusable region must return tensors only, hence the flat tuple of leaves, rebuilt
+        here into (d_params, d_opt, d_state, metrics)."""
+        leaves = critic_update_leaves(d_params, d_opt, d_state, g_params, g_state, real, z, epsilon)
+        structure = tree_structure((d_params, d_opt, d_state, dict.fromkeys(metric_names, 0)))
+        return tree_unflatten(list(leaves), structure)
+
     def step(state: Tree, batch: Tensor, inputs: dict[str, Tensor]) -> tuple[Tree, dict[str, Tensor]]:
         g_params, d_params = take(state["params"], "generator"), take(state["params"], "discriminator")
         model_state = state.get("model_state", {})
@@ -271,20 +293,20 @@ def make_step(config: Config, shape: tuple):
         real_batches = batch.reshape(n_critic, -1, *shape)
         if is_image:
             real_batches = real_batches * 2 - 1                                # [0, 1] → tanh's [-1, 1]
-        for k in range(n_critic):  # unrolled when compiled: n_critic is fixed for the run
-            z = inputs["z_discriminator"][k]
-            if reuse:
-                # fake = G(z) once, keeping its pullback v ↦ vᵀ ∂G(z)/∂θ_G for G's update below
-                # (this forward also advances G's batch-norm statistics, once per step).
-                fake, generator_vjp, g_state = vjp(
-                    lambda p: apply_generator(p, g_state, z, True), g_params, has_aux=True)
-            else:
-                # G is a constant here: D's gradient does not flow into it, so no detach is needed.
-                fake, _ = apply_generator(g_params, g_state, z, True)
-            epsilon = inputs["epsilon"][k] if penalised else None
+        if reuse:  # one D update
+            z = inputs["z_discriminator"][0]
+            # fake = G(z) once, keeping its pullback v ↦ vᵀ ∂G(z)/∂θ_G for G's update below
+            # (this forward also advances G's batch-norm statistics, once per step).
+            fake, generator_vjp, g_state = vjp(
+                lambda p: apply_generator(p, g_state, z, True), g_params, has_aux=True)
             grads, (_, (metrics, d_state)) = grad_and_value(discriminator_objective, has_aux=True)(
-                d_params, d_state, real_batches[k], fake, epsilon)
+                d_params, d_state, real_batches[0], fake, None)
             d_params, d_opt = d_optimizer.update(grads, d_opt, d_params)
+        else:
+            for k in range(n_critic):  # unrolled when compiled (n_critic is fixed for the run)
+                epsilon = inputs["epsilon"][k] if penalised else None
+                d_params, d_opt, d_state, metrics = critic_update(
+                    d_params, d_opt, d_state, g_params, g_state, real_batches[k], inputs["z_discriminator"][k], epsilon)
         if reuse:
             # The same fake through the updated D: ∂L_G/∂θ_G = (∂G(z)/∂θ_G)ᵀ ∂L_G/∂fake, one vjp
             # instead of a second forward and backward of G.

@@ -200,6 +200,33 @@ def test_wgan_gp_step_takes_n_critic_real_batches():
     assert metrics["gradient_penalty"] > 0
 
 
+def test_wgan_gp_critic_update_is_traced_once_and_stamped_n_critic_times():
+    """Dynamo's graph (captured with a backend that runs it as is, so no Inductor compile) calls one
+    subgraph n_critic times, and computes what the eager step computes."""
+    config = family_config("wgan-gp", hidden_dim=16, batch_size=8, n_critic=3)
+    shape = (2,)
+    state, inputs = gan.init(config, shape, 0), noise(config, shape, 8)
+    batch = torch.randn(3, 8, 2, generator=torch.Generator().manual_seed(1))
+    graphs = []
+
+    def capture(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    step = gan.make_step(config, shape)
+    traced_state, traced_metrics = torch.compile(step, backend=capture, fullgraph=True)(state, batch, inputs)
+    eager_state, eager_metrics = step(state, batch, inputs)
+    (graph_module,) = graphs
+    calls = [node for node in graph_module.graph.nodes
+             if node.op == "call_function" and "invoke_subgraph" in str(node.target)]
+    assert len(calls) == 3 and len({node.args[0].target for node in calls}) == 1
+    for name in eager_metrics:
+        assert torch.allclose(traced_metrics[name], eager_metrics[name], atol=1e-6), name
+    for name, value in eager_state["params"].items():
+        assert torch.allclose(traced_state["params"][name], value, atol=1e-6), name
+
+
 def test_gan_step_compiles_once_and_matches_eager():
     # Everything that could add a graph or a guard: PacGAN packing, the reused G(z) and its vjp,
     # the learning rate from the 0-d step count (linear decay), the generator EMA.
