@@ -194,7 +194,7 @@ def bench(
     batch_size: Annotated[Optional[list[int]], typer.Option(help="batch sizes (repeatable)")] = None,
     steps: Annotated[int, typer.Option(help="timed steps per repeat")] = 20,
     repeats: Annotated[int, typer.Option(help="repeats per mode (median reported)")] = 5,
-    mode: Annotated[Optional[list[str]], typer.Option(help="compiled | donated | eager | module | vmap-N | "
+    mode: Annotated[Optional[list[str]], typer.Option(help="compiled | undonated | eager | module | vmap-N | "
                                                            "compiled-ro | compiled-bf16 (CUDA) (repeatable)")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     json: Annotated[Optional[str], typer.Option(help="also write the results as JSON")] = None,
@@ -202,7 +202,7 @@ def bench(
     compile_times: Annotated[bool, typer.Option("--compile-times/--no-compile-times",
                                                 help="measure cold and warm compiles in fresh processes")] = True,
 ) -> None:
-    """Time the training step of each model: compiled, donated, eager and the nn.Module peer."""
+    """Time the training step of each model: compiled (as gen train runs it), undonated, eager and the nn.Module peer."""
     from gen import bench as harness
 
     try:

@@ -6,8 +6,10 @@ order rotating between rounds, so the drift of a shared machine hits all
 modes alike and their ratios stay meaningful (nanoGPT's bench.py: burn-in,
 then time, synchronising the device).
 
-    compiled   gen's pure step under torch.compile(fullgraph=True, dynamic=False)
-    donated    the same, through gen.optim.donate: the new state written into the old buffers
+    compiled   gen's pure step compiled as `gen train` runs it (gen/compilation.py): one graph,
+               static shapes, the state's buffers donated, Dynamo's guards skipped once warm
+    undonated  the plain torch.compile(step, fullgraph=True, dynamic=False): new state tensors
+               every step, guards checked on every call
     eager      the same pure step, uncompiled
     module     bench/peers.py: nn.Module + torch.optim written as pytorch/examples writes it
     vmap-N     N independent models in one step: torch.compile(vmap(step)) over stacked states
@@ -47,7 +49,8 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from gen import models, optim
+from gen import models
+from gen.compilation import compile_step, steady
 from gen.config import Config, resolve
 from gen.tree import Tree, to_device, tree_map
 
@@ -59,20 +62,15 @@ MODELS = {
     "gan-2d": ("gan", (2,), (256,)),
     "wgan-gp": ("wgan-gp", (2,), (256,)),
 }
-MODES = ("compiled", "donated", "eager", "module")  # the default set
+MODES = ("compiled", "undonated", "eager", "module")  # the default set
 CUDA_MODES = ("compiled-ro", "compiled-bf16")  # asked for by name; skipped with a note on CPU
 CHANNELS_LAST = ("conv-vae", "dcgan")  # conv models whose compiled step gets channels-last weights and images
 POOL = 4  # distinct batches/noise draws cycled through, so no step sees the very same tensors twice in a row
 PEERS_DIR = Path(__file__).resolve().parent.parent / "bench"
 
 
-def compile_step(step: Callable, mode: str | None = None) -> Callable:
-    """How gen's training loop compiles a step: one graph, static shapes."""
-    return torch.compile(step, fullgraph=True, dynamic=False, mode=mode)
-
-
 def is_compiled(mode: str) -> bool:
-    return mode in ("compiled", "donated") or mode.startswith(("compiled-", "vmap-"))
+    return mode in ("compiled", "undonated") or mode.startswith(("compiled-", "vmap-"))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -228,15 +226,15 @@ def make_runner(mode: str, model: str, config: Config, shape: tuple, device: tor
     members = int(mode.split("-")[1]) if mode.startswith("vmap-") else 0
     if members:
         state = stack_states([to_device(family.init(config, shape, seed + i), device) for i in range(members)])
-        step = compile_step(torch.func.vmap(step))
+        step = compile_step(torch.func.vmap(step), device)
     else:
         state = to_device(family.init(config, shape, seed), device)
         if mode == "compiled-bf16":
             step = autocast_step(step, device)
-        if mode == "donated":
-            step = optim.donate(step)  # returns only the metrics; `state` is overwritten in place
         if is_compiled(mode):
-            step = compile_step(step, "reduce-overhead" if mode == "compiled-ro" else None)
+            # "compiled" returns only the metrics and overwrites `state` in place (gen.optim.donate)
+            step = compile_step(step, device, donate=mode == "compiled",
+                                mode="reduce-overhead" if mode == "compiled-ro" else None)
     pool = synthetic_inputs(family, config, shape, device, seed, models_stacked=members)
     if is_compiled(mode) and not members and model in CHANNELS_LAST and device.type == "cpu":
         # Inductor runs CPU convolutions channels-last (oneDNN's preferred layout) and otherwise
@@ -249,7 +247,7 @@ def make_runner(mode: str, model: str, config: Config, shape: tuple, device: tor
         pool = [(channels_last(batch), inputs) for batch, inputs in pool]
     if mode == "compiled-ro":
         return cudagraph_runner(step, state, pool)
-    if mode == "donated":
+    if mode == "compiled":
         return donated_runner(step, state, pool)
     holder = {"state": state}
 
@@ -263,12 +261,22 @@ def make_runner(mode: str, model: str, config: Config, shape: tuple, device: tor
 
 
 def donated_runner(stepped: Callable, state: Tree, pool: list) -> Callable[[int], None]:
-    """`advance(n)` for the donated mode: `stepped` (compiled gen.optim.donate(step))
-    overwrites `state` in place each call; the same dict and tensors throughout."""
+    """`advance(n)` for the compiled mode, as gen train runs it: `stepped` (compiled
+    gen.optim.donate(step)) overwrites `state` in place each call, the same dict and
+    tensors throughout; every call after the very first runs under compilation.steady()."""
+    calls = {"made": 0}
+
     def advance(n: int) -> None:
-        for index in range(n):
-            batch, inputs = pool[index % POOL]
+        index = 0
+        if n and not calls["made"]:  # the first call compiles, with guards (nothing to skip yet)
+            batch, inputs = pool[0]
             stepped(state, batch, inputs)
+            index = 1
+        with steady():
+            for index in range(index, n):
+                batch, inputs = pool[index % POOL]
+                stepped(state, batch, inputs)
+        calls["made"] += n
     return advance
 
 
@@ -364,7 +372,7 @@ def compile_probe(model: str, batch_size: int, device: str) -> float:
     state = to_device(family.init(config, shape, 0), device)
     (batch, inputs), = synthetic_inputs(family, config, shape, device)[:1]
     start = time.perf_counter()
-    step = compile_step(family.make_step(config, shape))
+    step = compile_step(family.make_step(config, shape), device, donate=True)  # as gen train compiles it
     step(state, batch, inputs)
     synchronize(device)
     return time.perf_counter() - start
@@ -395,7 +403,7 @@ def available_modes(modes: list[str] | None, device: torch.device | str = "cpu")
     for mode in modes:
         if mode not in MODES + CUDA_MODES and not (mode.startswith("vmap-") and mode[5:].isdigit()
                                                    and int(mode[5:]) > 0):
-            raise ValueError(f"unknown mode '{mode}': use compiled, donated, eager, module, vmap-N (N models at once), "
+            raise ValueError(f"unknown mode '{mode}': use compiled, undonated, eager, module, vmap-N (N models at once), "
                              f"or on CUDA {' or '.join(CUDA_MODES)}")
     if torch.device(device).type != "cuda":
         for mode in [m for m in modes if m in CUDA_MODES]:

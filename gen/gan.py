@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
-from torch.func import grad, grad_and_value, vjp, vmap
+from torch.func import grad, grad_and_value, vjp
 from torch.utils._pytree import tree_flatten, tree_structure, tree_unflatten
 
 from gen import dcgan, nn
@@ -77,15 +77,19 @@ LOSSES = {  # name -> (discriminator loss, generator loss)
 def gradient_penalty(critic, real: Tensor, fake: Tensor, epsilon: Tensor) -> Tensor:
     """(‖∇_x̂ f(x̂)‖₂ - 1)², x̂ = ε x + (1 - ε) G(z), ε ~ U[0, 1]  (Gulrajani et al. 2017, Algorithm 1, line 8).
 
-    `critic(x) -> scores (B,)`. The per-example input gradient is
-    vmap(grad(critic on one example)); the step differentiates this again
-    with respect to the critic's parameters (a gradient of a gradient).
+    `critic(x) -> scores (B,)`, each example scored on its own (WGAN-GP's critic
+    has neither batch norm nor packing; networks_init refuses both), so the
+    gradient of the summed scores with respect to the batch holds every
+    example's own input gradient: ∂/∂x̂_i Σ_j f(x̂_j) = ∇f(x̂_i). (The same
+    numbers as vmap over per-example grads, which Dynamo took 0.6 s longer to
+    trace: 3.6 s against 3.0 for WGAN-GP's whole step.) The step
+    differentiates this again with respect to the critic's parameters (a
+    gradient of a gradient).
     Deviation: the norm is sqrt(Σ g² + 1e-12), whose derivative exists at g = 0.
     Returns (B,)."""
     eps = epsilon.reshape(-1, *[1] * (real.ndim - 1))
     interpolates = eps * real + (1 - eps) * fake
-    score_one = lambda x: critic(x.unsqueeze(0)).squeeze(0)  # noqa: E731  (one example -> scalar)
-    input_grads = vmap(grad(score_one))(interpolates)                   # (B, *shape)
+    input_grads = grad(lambda x: critic(x).sum())(interpolates)        # (B, *shape)
     norms = (input_grads.pow(2).flatten(1).sum(1) + 1e-12).sqrt()      # (B,)
     return (norms - 1).pow(2)
 
@@ -278,9 +282,9 @@ def make_step(config: Config, shape: tuple):
     def critic_update(d_params, d_opt, d_state, g_params, g_state, real, z, epsilon):
         """One of the n_critic critic updates. Dynamo traces it once and stamps that graph out for
         the others (torch.compiler.nested_compile_region), instead of tracing the gradient penalty's
-        double backward n_critic times: WGAN-GP's compile went from 65 to 25 s cold, 9.2 to 5.6 s
-        warm. A reusable region must return tensors only, hence the flat tuple of leaves, rebuilt
-        here into (d_params, d_opt, d_state, metrics)."""
+        double backward n_critic times: WGAN-GP b256's compile probe went from 65 to 25 s cold and
+        9.2 to 5.6 s warm (bench/README.md has the latest). A reusable region must return tensors
+        only, hence the flat tuple of leaves, rebuilt here into (d_params, d_opt, d_state, metrics)."""
         leaves = critic_update_leaves(d_params, d_opt, d_state, g_params, g_state, real, z, epsilon)
         structure = tree_structure((d_params, d_opt, d_state, dict.fromkeys(metric_names, 0)))
         return tree_unflatten(list(leaves), structure)
@@ -327,6 +331,10 @@ def make_step(config: Config, shape: tuple):
                                ema)
         return new_state, {**metrics, **g_metrics}
 
+    if not reuse:
+        # Inductor's C++ wrapper (gen/compilation.py) cannot yet call a stamped-out region
+        # ("codegen invoke_subgraph is not implemented for cpp wrapper", torch 2.13).
+        step.inductor_options = {"cpp_wrapper": False}
     return step
 
 

@@ -8,19 +8,29 @@
       loss.png             the logged losses against the step
       samples/step_N.png   fixed-noise samples every --sample-every steps
 
-The step is built once, compiled once (`torch.compile(step, fullgraph=True,
-dynamic=False)`) and then called with tensors only: the batch, a state dict
-whose key order never changes, and the step's random inputs drawn outside it
-from (seed, step). Every batch has the same shape (the ragged last batch is
-dropped), so the graph is compiled exactly once; the summary reports how many
-graphs Dynamo built so a regression shows. Because the data order derives
-from (seed, epoch) and the noise from (seed, step), a resumed run continues
-with exactly the numbers the uninterrupted run would have seen.
+The step is built once, compiled once (gen/compilation.py: one graph, static
+shapes, the state's buffers donated, Dynamo's guards skipped once warm) and
+then called with tensors only: the batch, a state dict whose key order never
+changes, and the step's random inputs drawn outside it from (seed, step).
+Every batch has the same shape (the ragged last batch is dropped), so the
+graph is compiled exactly once; the summary reports how many graphs Dynamo
+built so a regression shows. Because the data order derives from (seed,
+epoch) and the noise from (seed, step), a resumed run continues with exactly
+the numbers the uninterrupted run would have seen.
+
+A donated step overwrites the state in place, so a step stopped halfway would
+leave a state that is neither the old one nor the new one. Ctrl-C therefore
+takes effect at the next step boundary (the checkpoint saved then is a whole
+step's state); a second Ctrl-C stops at once and keeps the last checkpoint
+on disk, never writing a half-updated state.
 """
 
 import json
 import math
+import signal
+import threading
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,7 +38,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
     TimeRemainingColumn
 
-from gen import checkpoint, data, models, plots, rng
+from gen import checkpoint, compilation, data, models, plots, rng
 from gen.config import Config, resolve, validate
 from gen.tree import to_device
 
@@ -100,7 +110,10 @@ def train(config: Config, out: str | Path, resume: bool = False, show_progress: 
 
     step_fn = family.make_step(config, shape)
     if config.compile:
-        step_fn = torch.compile(step_fn, fullgraph=True, dynamic=False)
+        donating_step = compilation.compile_step(step_fn, device, donate=True)
+
+        def step_fn(state, batch, inputs):  # the same (state, metrics) contract; `state` updated in place
+            return state, donating_step(state, batch, inputs)
     graphs_before = _graph_count()
     train_data = dataset.train.to(device)
 
@@ -112,17 +125,24 @@ def train(config: Config, out: str | Path, resume: bool = False, show_progress: 
                              status="")
     compile_seconds = None
     interval_start, interval_steps = None, 0
-    step = start_step
+    steps_done = start_step  # the steps `state` holds; it lags the loop's `step` while a step runs
+    state_is_whole = True  # False only while a step is writing it
+    interrupt = _InterruptAtStepBoundary()
     try:
-        with progress:
+        with progress, interrupt:
             for step in range(start_step, total_steps):
+                interrupt.raise_if_requested()
                 epoch, index = divmod(step, steps_per_epoch)
                 batch = _batch(train_data, config, per_step, epoch, index)
                 inputs = family.make_noise(config, shape, config.batch_size,
                                            rng.generator(config.seed, "noise", step))
                 inputs = {name: value.to(device) for name, value in inputs.items()}
                 tick = time.perf_counter()
-                state, metrics = step_fn(state, batch, inputs)
+                # After the first (compiling) call the compiled step runs without Dynamo's guard checks.
+                with compilation.steady() if config.compile and compile_seconds is not None else nullcontext():
+                    state_is_whole = False
+                    state, metrics = step_fn(state, batch, inputs)
+                    state_is_whole, steps_done = True, step + 1
                 if compile_seconds is None:  # the first call compiles; time it apart from throughput
                     _synchronize(device)
                     compile_seconds = time.perf_counter() - tick
@@ -152,8 +172,12 @@ def train(config: Config, out: str | Path, resume: bool = False, show_progress: 
                     save(done)
                     interval_start = time.perf_counter()  # evaluation is not training time
     except KeyboardInterrupt:
-        save(step)  # `state` is always a whole step's output, so this is a valid resume point
-        raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint saved in {out}: continue with --resume")
+        if not state_is_whole:  # a second Ctrl-C inside a step: the state is half-written, keep the disk's
+            raise KeyboardInterrupt(f"interrupted inside step {steps_done + 1}; the last checkpoint in {out} is "
+                                    "kept: continue with --resume") from None
+        save(steps_done)
+        raise KeyboardInterrupt(f"interrupted at step {steps_done}; checkpoint saved in {out}: "
+                                "continue with --resume")
     finally:
         progress.stop()
 
@@ -171,6 +195,35 @@ def train(config: Config, out: str | Path, resume: bool = False, show_progress: 
 
 
 # --- helpers ------------------------------------------------------------------------
+
+
+class _InterruptAtStepBoundary:
+    """Inside `with`: the first SIGINT (Ctrl-C) is held until `raise_if_requested()`, which the
+    loop calls between steps; a second one raises KeyboardInterrupt at once. Outside the main
+    thread (where Python delivers no signals) it does nothing."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def raise_if_requested(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
 
 
 def _batch(train_data: torch.Tensor, config: Config, per_step: int, epoch: int, index: int) -> torch.Tensor:

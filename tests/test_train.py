@@ -1,11 +1,13 @@
 """The training loop: compiled once and equal to eager, exact resume, interruption, run folder."""
 
 import json
+import os
+import signal
 
 import pytest
 import torch
 
-from gen import checkpoint, rng, train as training
+from gen import checkpoint, rng, train as training, vae
 from gen.config import Config
 
 
@@ -43,6 +45,45 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert torch.equal(straight["opt_state"]["count"], resumed["opt_state"]["count"])
     losses = lambda r: [(x["step"], x["loss"]) for x in r if "loss" in x]  # noqa: E731
     assert losses(rows(tmp_path / "straight")) == losses(rows(tmp_path / "resumed"))
+
+
+def signalling_step(monkeypatch, at_call: int, signals: int):
+    """The VAE's step, but its call number `at_call` sends itself `signals` SIGINTs (Ctrl-C) midway,
+    before doing the step's work: a Ctrl-C that lands inside a step."""
+    make_step = vae.MLP_VAE.make_step
+
+    def make_signalling_step(config, shape):
+        step, calls = make_step(config, shape), []
+
+        def signalling(state, batch, inputs):
+            calls.append(None)
+            if len(calls) == at_call:
+                for _ in range(signals):
+                    os.kill(os.getpid(), signal.SIGINT)
+            return step(state, batch, inputs)
+        return signalling
+    monkeypatch.setattr(vae, "MLP_VAE", vae.MLP_VAE._replace(make_step=make_signalling_step))
+
+
+def test_ctrl_c_inside_a_step_takes_effect_after_it(tmp_path, monkeypatch):
+    config = Config(model="vae", steps=12, compile=False)
+    training.train(Config(**{**config.to_dict(), "steps": 5}), tmp_path / "straight", show_progress=False)
+    signalling_step(monkeypatch, at_call=5, signals=1)
+    with pytest.raises(KeyboardInterrupt, match="interrupted at step 5"):
+        training.train(config, tmp_path / "interrupted", show_progress=False)
+    straight, _ = checkpoint.load(tmp_path / "straight" / training.CHECKPOINT)
+    interrupted, metadata = checkpoint.load(tmp_path / "interrupted" / training.CHECKPOINT)
+    assert metadata["step"] == 5  # the step under way finished, and is what was saved
+    for name, tensor in straight["params"].items():
+        assert torch.equal(tensor, interrupted["params"][name]), name
+
+
+def test_second_ctrl_c_inside_a_step_stops_at_once_and_writes_no_checkpoint(tmp_path, monkeypatch):
+    signalling_step(monkeypatch, at_call=5, signals=2)
+    with pytest.raises(KeyboardInterrupt, match="interrupted inside step 5; the last checkpoint .* is kept"):
+        training.train(Config(model="vae", steps=12, compile=False), tmp_path, show_progress=False)
+    assert not (tmp_path / training.CHECKPOINT).exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
 
 
 def test_interrupt_saves_a_valid_resume_point(tmp_path, monkeypatch):

@@ -1,0 +1,119 @@
+"""How gen compiles a training step: one place for `gen train` and `gen bench`.
+
+    stepped = compile_step(step, device)               # new_state, metrics = stepped(state, batch, inputs)
+    stepped = compile_step(step, device, donate=True)  # metrics = stepped(state, batch, inputs);
+                                                       # `state` now holds the next state
+    stepped(state, batch, inputs)                      # the first call compiles
+    with steady():                                     # later calls skip Dynamo's guard checks
+        for ...: stepped(state, batch, inputs)
+
+Four choices, each measured on the 2-core CPU of bench/README.md:
+
+1. One graph, static shapes: `torch.compile(step, fullgraph=True, dynamic=False)`.
+   Every batch has the same shape and every varying number is a 0-d tensor, so
+   the step compiles once (TORCH_NOTES.md, "What recompiles").
+2. Donated buffers (`gen.optim.donate`): the fused optimizer kernels write the
+   new parameters and moments into the old ones' memory, JAX's donate_argnums.
+   VAE b128: 5.0 -> 4.6 ms a step.
+3. Guards skipped once warm (`steady`): Dynamo checks every input tensor's
+   dtype, shape and strides on each call to pick a compiled graph, about
+   0.1-0.3 ms for a VAE's 30-odd state tensors. A training loop that has made
+   its first call and feeds the same shapes forever has nothing to pick between,
+   so after the first call it runs under torch.compiler.set_stance(
+   skip_guard_eval_unsafe=True). "Unsafe" is the promise that no input would
+   need another graph; the loop keeps it (fixed shapes, a fixed state tree).
+   An input that breaks it is still refused: torch raises "Recompilation
+   triggered" instead of running the wrong graph (tests/test_compilation.py),
+   and tests/test_train.py checks that a run builds one graph and matches eager.
+4. The CPU vector-ISA probe, done once per cache directory: before its first
+   CPU kernel Inductor checks which SIMD instruction sets (AVX2, AVX-512, ...)
+   the compiler and CPU support by building and loading a test library in a
+   child process for each, about 1.1 s in every process, warm cache or not.
+   `trusted_vector_isa` runs that probe once, records its verdict next to the
+   compile cache, and later processes take the CPU's flags for it (Inductor's
+   own `cpp.vec_isa_ok` switch) when they agree with the record. The switch is
+   passed with every compile, probed or not, because it is part of the cache key.
+5. A C++ wrapper on the CPU (`cpp_wrapper`): the code that calls a compiled
+   step's kernels and matmuls one after another is compiled C++ instead of
+   Python. VAE b128: about 0.25 ms (6%) less a step; gan-2d's cold compile
+   25 -> 19 s. On CUDA the default Python wrapper stays (CUDA graphs, not a C++
+   wrapper, are what removes launch overhead there; bench/README.md).
+"""
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from gen import optim
+
+# Inductor options of every step compiled for the CPU (4. and 5. above); part of the FX graph
+# cache's key, so the same in every process.
+CPU_OPTIONS = {"cpp.vec_isa_ok": True, "cpp_wrapper": True}
+VECTOR_ISA_RECORD = "gen-vector-isa.json"
+
+
+def compile_step(step: Callable, device: torch.device | str, donate: bool = False,
+                 mode: str | None = None) -> Callable:
+    """`step` compiled the way gen trains: one graph, static shapes; with `donate`, through
+    optim.donate (returns only the metrics, writes the next state into `state`)."""
+    on_cpu = torch.device(device).type == "cpu"
+    options = None
+    if on_cpu:
+        trusted_vector_isa()
+        # A step may override an option it cannot use (`step.inductor_options`, e.g. WGAN-GP's).
+        options = {**CPU_OPTIONS, **getattr(step, "inductor_options", {})}
+    if donate:
+        step = optim.donate(step)
+    return torch.compile(step, fullgraph=True, dynamic=False, mode=mode, options=options)
+
+
+@contextmanager
+def steady() -> Iterator[None]:
+    """Compiled steps called inside run without Dynamo's guard checks (see 3. above).
+    Enter it only after every compiled function involved has made its first call."""
+    with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+        yield
+
+
+def trusted_vector_isa(cache_dir: str | Path | None = None) -> list[str]:
+    """The SIMD instruction sets Inductor will generate CPU code for, settled for this process.
+
+    First time in a cache directory (or after torch or the CPU changed): Inductor's
+    own probe runs, and if it confirms every set the CPU's flags claim, the list is
+    recorded in `cache_dir`/gen-vector-isa.json. With a matching record the probe is
+    skipped. Either way Inductor's in-process list of sets is left filled in, with
+    the probe's verdict where it ran, so the compile that follows uses it."""
+    from torch._inductor import cpu_vec_isa
+    from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir
+
+    record_path = Path(cache_dir or inductor_cache_dir()) / VECTOR_ISA_RECORD
+    claimed = vector_isas(probe=False)
+    identity = {"torch": torch.__version__, "cpu_flags": sorted(cpu_vec_isa.x86_isa_checker())}
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        record = None
+    if record == {**identity, "isas": claimed}:
+        return claimed
+    probed = vector_isas(probe=True)
+    if probed == claimed:
+        try:
+            record_path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = record_path.with_name(f".{record_path.name}.tmp")
+            temporary.write_text(json.dumps({**identity, "isas": probed}) + "\n")
+            temporary.replace(record_path)
+        except OSError:
+            pass  # a read-only cache: the probe simply runs again next time
+    return probed
+
+
+def vector_isas(probe: bool) -> list[str]:
+    """Inductor's list of usable SIMD sets: from the CPU's flags alone, or, with `probe`, also
+    built and loaded as test libraries. Its cached list is replaced by this answer."""
+    from torch._inductor import config, cpu_vec_isa
+    cpu_vec_isa.valid_vec_isa_list.cache_clear()
+    with config.patch({"cpp.vec_isa_ok": None if probe else True}):
+        return [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]
