@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PLAN = ["vae:128", "dcgan:64", "vae:4096", "conv-vae:128", "gan-2d:256", "dcgan:512", "conv-vae:1024",
         "wgan-gp:256"]
-MODES = ["module", "eager", "compiled", "compiled-ro", "compiled-bf16"]  # cheap ones first: they always get rows
+MODES = ["module", "eager", "undonated", "compiled", "compiled-ro", "compiled-bf16"]  # cheap ones first: they always get rows
 
 
 def main() -> None:
