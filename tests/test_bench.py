@@ -7,7 +7,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from gen import bench
+from gen import bench, models
+from gen.bench import harness
 from gen.tree import take
 
 peers = bench.load_peers()
@@ -57,7 +58,7 @@ def load_gan(peer, state, depth=None):
 @pytest.mark.parametrize("model", ["dcgan", "gan-2d"])
 def test_gan_peers_compute_gen_losses(model):
     _, config, shape, _, _, _, _ = gen_losses(model, 16)
-    family = bench.models.get(bench.MODELS[model][0])
+    family = models.get(bench.MODELS[model][0])
     state = family.init(config, shape, 0)
     (batch, noise), = bench.synthetic_inputs(family, config, shape, torch.device("cpu"))[:1]
     # The peer reuses one G(z) for the D and the G update, as pytorch/examples does; gen draws
@@ -73,7 +74,7 @@ def test_gan_peers_compute_gen_losses(model):
 
 
 def test_wgan_gp_peer_computes_gen_losses():
-    family = bench.models.get("wgan-gp")
+    family = models.get("wgan-gp")
     _, config, shape = bench.model_config("wgan-gp", 16)
     config = replace(config, n_critic=1)  # one critic update: its loss is compared before any step
     state = family.init(config, shape, 0)
@@ -134,7 +135,7 @@ def test_a_failing_mode_becomes_an_error_row_and_the_run_goes_on(monkeypatch, ca
             advance(n)
         return fails_in_the_second_round if mode == "module" else advance
 
-    monkeypatch.setattr(bench, "make_runner", flaky)
+    monkeypatch.setattr(harness, "make_runner", flaky)  # where the harness looks it up
     results = bench.run(["vae", "gan-2d"], [16], 2, 3, "cpu", ["eager", "module"], measure_compile=False)
     by_key = {(r["model"], r["mode"]): r for r in results}
     assert by_key[("vae", "eager")]["error"] == "RuntimeError: CUDA error: out of memory"
@@ -169,7 +170,7 @@ def test_the_json_file_holds_each_finished_group_before_the_run_ends(tmp_path, m
             raise KeyboardInterrupt  # what bench/run.py makes of SIGTERM from `timeout`
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(bench, "time_group", interrupted_second_group)
+    monkeypatch.setattr(harness, "time_group", interrupted_second_group)
     results = bench.main(models=["vae", "gan-2d"], batch_sizes=[16], steps=1, repeats=1, device="cpu",
                          json_path=str(path), modes=["eager"])
     written = json.loads(path.read_text())
@@ -200,13 +201,13 @@ def test_autocast_and_cudagraph_runner_code_paths_on_cpu():
 CRASHING_HARNESS = '''
 import os, runpy, sys
 sys.path.insert(0, {root!r})
-from gen import bench
-real = bench.time_group
+from gen.bench import harness
+real = harness.time_group
 def time_group(model, batch_size, *args, **kwargs):
     if model == "gan-2d":
         os._exit(3)  # as a segfault or a fatal CUDA error would end the process
     return real(model, batch_size, *args, **kwargs)
-bench.time_group = time_group
+harness.time_group = time_group  # where the harness looks it up
 sys.argv[0] = {run!r}
 runpy.run_path({run!r}, run_name="__main__")
 '''

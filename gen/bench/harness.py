@@ -1,0 +1,317 @@
+"""The harness: plan the (model, batch size) groups, build and time every mode in interleaved
+rounds, turn failures into error rows, print the table and write the JSON."""
+
+import json
+import time
+from pathlib import Path
+from statistics import median
+from typing import Callable
+
+import torch
+
+from gen import models
+from gen.bench.compile_time import compile_seconds
+from gen.bench.machine import keep_freed_memory, machine, matmul_sampler, peak_memory_mb, resolve_device, \
+    time_mode
+from gen.bench.modes import CUDA_MODES, MODELS, MODES, PEERS_DIR, flops_per_step, load_peers, make_runner, \
+    model_config
+
+
+def available_modes(modes: list[str] | None, device: torch.device | str = "cpu") -> list[str]:
+    modes = list(modes or MODES)
+    for mode in modes:
+        if mode not in MODES + CUDA_MODES and not (mode.startswith("vmap-") and mode[5:].isdigit()
+                                                   and int(mode[5:]) > 0):
+            raise ValueError(f"unknown mode '{mode}': use compiled, undonated, eager, module, vmap-N (N models at once), "
+                             f"or on CUDA {' or '.join(CUDA_MODES)}")
+    if torch.device(device).type != "cuda":
+        for mode in [m for m in modes if m in CUDA_MODES]:
+            print(f"note: skipping mode '{mode}': it needs --device cuda")
+            modes.remove(mode)
+    if "module" in modes and load_peers() is None:
+        print(f"note: skipping mode 'module': the peers live in {PEERS_DIR}/peers.py, which is absent "
+              "(bench/ ships with the repository, not the installed package)")
+        modes.remove("module")
+    return modes
+
+
+def available_models(names: list[str] | None) -> list[str]:
+    names = list(names or MODELS)
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        raise ValueError(f"unknown bench model '{unknown[0]}': use one of {', '.join(MODELS)}")
+    registered = models.registry()
+    present = [n for n in names if MODELS[n][0] in registered]
+    for name in sorted(set(names) - set(present)):
+        print(f"note: skipping '{name}': model family '{MODELS[name][0]}' is not registered in gen.models")
+    return present
+
+
+def plan(names: list[str] | None, batch_sizes: list[int] | None) -> list[tuple[str, int]]:
+    """The (model, batch size) groups to time, in order. A name may carry its own batch
+    sizes, `vae:128,4096`, which then override `batch_sizes` for that model, so one run
+    can interleave models and sizes in priority order (bench/cuda.py does)."""
+    entries = []
+    for name in names or MODELS:
+        model, _, sizes = name.partition(":")
+        try:
+            own = [int(b) for b in sizes.split(",")] if sizes else None
+        except ValueError:
+            raise ValueError(f"bad model entry '{name}': use MODEL or MODEL:B1,B2,...") from None
+        if own is not None and any(b < 1 for b in own):
+            raise ValueError(f"bad model entry '{name}': batch sizes must be at least 1")
+        entries.append((model, own))
+    present = set(available_models([model for model, _ in entries]))
+    return [(model, b) for model, own in entries if model in present
+            for b in own or batch_sizes or MODELS[model][2]]
+
+
+def describe(error: BaseException) -> str:
+    """One line for a failed mode: the exception's type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}".rstrip(": ")
+
+
+def error_row(model: str, batch_size: int, mode: str, device: torch.device, error: str) -> dict:
+    """A row for a mode that did not run: the timing fields empty, `error` saying why."""
+    row = dict.fromkeys(ROW_FIELDS)
+    row.update(model=model, batch_size=batch_size, mode=mode, device=device.type, error=error)
+    return row
+
+
+ROW_FIELDS = ("model", "batch_size", "mode", "device", "batches_per_step", "models", "steps", "repeats",
+              "samples_per_s", "samples_per_s_min", "samples_per_s_max", "ms_per_step", "gflop_per_step",
+              "gflops", "pct_of_peak", "peak_gflops", "first_call_s", "cold_compile_s", "warm_compile_s",
+              "peak_memory_mb", "peak_memory_kind", "error")
+
+
+def release(device: torch.device) -> None:
+    """After a failed or finished group: free what it held, so the next one starts clean."""
+    import gc
+    gc.collect()
+    if device.type == "cuda":
+        try:
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+        except Exception as error:  # a sticky CUDA error: the next group will report its own failure
+            print(f"note: CUDA clean-up failed: {describe(error)}")
+
+
+def run(models_: list[str] | None, batch_sizes: list[int] | None, steps: int, repeats: int,
+        device: torch.device | str, modes: list[str] | None, warmup: int = 3,
+        measure_compile: bool = True, log: Callable[[str], None] = print,
+        deadline: float | None = None, on_group: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """One result dict per (model, batch size, mode); see bench/README.md for the fields.
+
+    A mode that raises (building, compiling, warming up or in a timed round) gets a row
+    with `error` set, and the others go on. `deadline` (time.monotonic() seconds): no
+    new group, mode or round starts after it (at least one round runs for the modes
+    already built), so the run ends close to it with what it has. `on_group(results)`
+    is called after every (model, batch size) group, e.g. to write partial JSON."""
+    device = torch.device(device)
+    modes = available_modes(modes, device)
+    groups = plan(models_, batch_sizes)
+    out_of_time = (lambda: False) if deadline is None else (lambda: time.monotonic() >= deadline)
+    # The peak is sampled at the start and once in every timing round, so it sees the same
+    # machine load as the modes; rows get the median of all samples, filled in at the end.
+    sample_peak = matmul_sampler(device)
+    peak_samples = [sample_peak() for _ in range(7)]
+    log(f"float32 matmul peak: {median(peak_samples):.1f} GFLOP/s (at start)")
+    results = []
+    for model, batch_size in groups:
+        if out_of_time():
+            log(f"{model} b{batch_size}: skipped, time budget spent")
+            results += [error_row(model, batch_size, mode, device, "skipped: time budget spent") for mode in modes]
+            continue
+        results += time_group(model, batch_size, steps, repeats, device, modes, warmup, measure_compile,
+                              log, out_of_time, sample_peak, peak_samples)
+        release(device)
+        fill_peak(results, peak_samples)
+        if on_group:
+            on_group(results)
+    fill_peak(results, peak_samples)
+    return results
+
+
+def fill_peak(results: list[dict], peak_samples: list[float]) -> None:
+    peak = median(peak_samples)
+    for r in results:
+        r["peak_gflops"] = peak
+        r["pct_of_peak"] = None if r["gflops"] is None else 100 * r["gflops"] / peak
+
+
+def time_group(model: str, batch_size: int, steps: int, repeats: int, device: torch.device, modes: list[str],
+               warmup: int, measure_compile: bool, log: Callable[[str], None], out_of_time: Callable[[], bool],
+               sample_peak: Callable[[], float], peak_samples: list[float]) -> list[dict]:
+    """Build, warm up and time every mode of one (model, batch size); rows in `modes` order."""
+    errors = {}
+    try:
+        family, config, shape = model_config(model, batch_size)
+        per_step = family.batches_per_step(config)
+    except Exception as error:
+        log(f"{model} b{batch_size}: error: {describe(error)}")
+        return [error_row(model, batch_size, mode, device, describe(error)) for mode in modes]
+    try:
+        flops = flops_per_step(model, config, shape, batch_size)
+    except Exception as error:  # the rows still get their samples/s
+        log(f"{model} b{batch_size}: FLOP count failed: {describe(error)}")
+        flops = None
+    cold = warm = None
+    if measure_compile and "compiled" in modes and not out_of_time():
+        log(f"{model} b{batch_size}: timing cold and warm compiles in fresh processes ...")
+        try:
+            cold, warm = compile_seconds(model, batch_size, device)
+        except Exception as error:
+            log(f"{model} b{batch_size}: compile probe failed: {describe(error)}")
+    runners, first_call, memory = {}, {}, {}
+    for mode in modes:
+        if out_of_time():
+            errors[mode] = "skipped: time budget spent"
+            continue
+        try:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            runner = make_runner(mode, model, config, shape, device)
+            first_call[mode] = time_mode(runner, 1, device)  # compiles the compiled modes
+            time_mode(runner, warmup, device)
+            memory[mode] = peak_memory_mb(device)
+            runners[mode] = runner
+        except Exception as error:
+            errors[mode] = describe(error)
+            log(f"{model} b{batch_size} {mode}: error: {errors[mode]}")
+            release(device)
+    built = [m for m in modes if m in runners]
+    log(f"{model} b{batch_size}: {', '.join(built) or 'no mode'} built and warmed up; "
+        f"timing {repeats} rounds of {steps} steps")
+    seconds = {mode: [] for mode in built}
+    for round_index in range(repeats):
+        if round_index > 0 and out_of_time():
+            log(f"{model} b{batch_size}: time budget spent after {round_index} of {repeats} rounds")
+            break
+        live = [m for m in built if m not in errors]
+        order = live[round_index % max(len(live), 1):] + live[:round_index % max(len(live), 1)]
+        for mode in order:
+            try:
+                seconds[mode].append(time_mode(runners[mode], steps, device))
+            except Exception as error:
+                errors[mode] = describe(error)
+                log(f"{model} b{batch_size} {mode}: error while timing: {errors[mode]}")
+        peak_samples.append(sample_peak())
+    rows = []
+    for mode in modes:
+        if mode in errors:
+            rows.append(error_row(model, batch_size, mode, device, errors[mode]))
+            continue
+        members = int(mode[5:]) if mode.startswith("vmap-") else 1
+        samples = batch_size * per_step * members * steps
+        rates = [samples / s for s in seconds[mode]]
+        step_s = median(seconds[mode]) / steps
+        gflops = None if flops is None else flops * members / step_s / 1e9
+        rows.append({
+            "model": model, "batch_size": batch_size, "mode": mode, "device": device.type,
+            "batches_per_step": per_step, "models": members, "steps": steps, "repeats": len(rates),
+            "samples_per_s": median(rates), "samples_per_s_min": min(rates),
+            "samples_per_s_max": max(rates), "ms_per_step": 1000 * step_s,
+            "gflop_per_step": None if flops is None else flops * members / 1e9, "gflops": gflops,
+            "pct_of_peak": None, "peak_gflops": None,
+            "first_call_s": first_call[mode],
+            "cold_compile_s": cold if mode == "compiled" else None,
+            "warm_compile_s": warm if mode == "compiled" else None,
+            "peak_memory_mb": memory[mode],
+            "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
+            "error": None,
+        })
+    return rows
+
+
+def speedups(results: list[dict], reference: str = "module") -> dict[tuple, float]:
+    """(model, batch, mode) -> samples/s relative to the reference mode of the same row group."""
+    ok = [r for r in results if r.get("error") is None]
+    base = {(r["model"], r["batch_size"]): r["samples_per_s"] for r in ok if r["mode"] == reference}
+    return {(r["model"], r["batch_size"], r["mode"]): r["samples_per_s"] / base[(r["model"], r["batch_size"])]
+            for r in ok if (r["model"], r["batch_size"]) in base}
+
+
+def print_table(results: list[dict], machine_info: dict | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    ratio = speedups(results)
+    title = "gen bench"
+    if machine_info:
+        title += f" — {machine_info['cpu']}, {machine_info['cores']} cores, torch {machine_info['torch']}"
+        if machine_info.get("gpu"):
+            title += f", {machine_info['gpu']}"
+    table = Table(title=title)
+    for column in ("model", "batch", "mode", "samples/s (min–max)", "× module", "ms/step", "GFLOP/s",
+                   "% peak", "compile cold/warm s", "first call s", "peak MB"):
+        table.add_column(column, justify="left" if column in ("model", "mode") else "right")
+
+    def number(value, spec: str) -> str:
+        return "" if value is None else format(value, spec)
+
+    for r in results:
+        if r.get("error") is not None:
+            table.add_row(r["model"], str(r["batch_size"]), r["mode"], f"[red]{r['error'][:80]}[/red]",
+                          *[""] * 7)
+            continue
+        key = (r["model"], r["batch_size"], r["mode"])
+        compile_cell = (f"{r['cold_compile_s']:.1f} / {r['warm_compile_s']:.1f}"
+                        if r["cold_compile_s"] is not None else "")
+        table.add_row(r["model"], str(r["batch_size"]), r["mode"],
+                      f"{r['samples_per_s']:,.0f} ({r['samples_per_s_min']:,.0f}–{r['samples_per_s_max']:,.0f})",
+                      f"{ratio[key]:.2f}" if key in ratio else "", f"{r['ms_per_step']:.2f}",
+                      number(r["gflops"], ".1f"), number(r["pct_of_peak"], ".0f") + ("%" if r["pct_of_peak"] else ""),
+                      compile_cell, f"{r['first_call_s']:.1f}", f"{r['peak_memory_mb']:.0f}")
+    console = Console()
+    console.print(table)
+    if results:
+        kind = "CUDA max allocated" if results[0]["device"] == "cuda" else "process max RSS so far (CPU)"
+        console.print(f"peak MB: {kind}; float32 matmul peak {results[0]['peak_gflops']:.1f} GFLOP/s")
+
+
+def main(models: list[str] | None = None, batch_sizes: list[int] | None = None, steps: int = 20,
+         repeats: int = 5, device: str = "auto", json_path: str | None = None,
+         modes: list[str] | None = None, measure_compile: bool = True,
+         time_budget: float | None = None) -> list[dict]:
+    """What `gen bench` and `python bench/run.py` run: time, print a table, optionally write JSON.
+
+    With `time_budget` seconds the run starts nothing new once they are spent (see `run`).
+    The JSON file is rewritten after every (model, batch size) group, so a run killed
+    from outside still leaves the groups it finished; an interrupt (Ctrl-C, or SIGTERM
+    where bench/run.py turns it into one) prints and writes what was done."""
+    if steps < 1 or repeats < 1:
+        raise ValueError("--steps and --repeats must be at least 1")
+    if batch_sizes and any(b < 1 for b in batch_sizes):
+        raise ValueError("--batch-size must be at least 1")
+    if time_budget is not None and time_budget <= 0:
+        raise ValueError("--time-budget must be positive")
+    deadline = None if time_budget is None else time.monotonic() + time_budget
+    torch_device = resolve_device(device)
+    keep_freed_memory()
+    info = machine()
+    if time_budget is not None:
+        info["time_budget_s"] = time_budget
+
+    def write(results: list[dict], complete: bool) -> None:
+        if json_path:
+            info["complete"] = complete
+            Path(json_path).write_text(json.dumps({"machine": info, "results": results}, indent=2) + "\n")
+
+    results: list[dict] = []
+
+    def keep(partial: list[dict]) -> None:
+        results[:] = partial
+        write(partial, complete=False)
+
+    try:
+        results = run(models, batch_sizes, steps, repeats, torch_device, modes, measure_compile=measure_compile,
+                      deadline=deadline, on_group=keep)
+        complete = True
+    except KeyboardInterrupt:
+        print("interrupted: writing the groups finished so far")
+        complete = False
+    info["load_average_after"] = machine().get("load_average")
+    print_table(results, info)
+    write(results, complete)
+    return results

@@ -1,0 +1,221 @@
+"""The benchmark's modes: for one model, a function that advances its own copy of the training
+state n steps, gen's pure step compiled, uncompiled, vmapped, or the nn.Module peer."""
+
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from gen import models
+from gen.compilation import compile_step, steady
+from gen.config import Config, resolve
+from gen.tree import Tree, to_device, tree_map
+
+# bench name -> (gen family, example shape, batch sizes timed by default)
+MODELS = {
+    "vae": ("vae", (1, 28, 28), (128, 512)),
+    "conv-vae": ("conv-vae", (1, 28, 28), (128,)),
+    "dcgan": ("dcgan", (1, 28, 28), (64,)),
+    "gan-2d": ("gan", (2,), (256,)),
+    "wgan-gp": ("wgan-gp", (2,), (256,)),
+}
+MODES = ("compiled", "undonated", "eager", "module")  # the default set
+CUDA_MODES = ("compiled-ro", "compiled-bf16")  # asked for by name; skipped with a note on CPU
+CHANNELS_LAST = ("conv-vae", "dcgan")  # conv models whose compiled step gets channels-last weights and images
+POOL = 4  # distinct batches/noise draws cycled through, so no step sees the very same tensors twice in a row
+PEERS_DIR = Path(__file__).resolve().parents[2] / "bench"
+
+
+def is_compiled(mode: str) -> bool:
+    return mode in ("compiled", "undonated") or mode.startswith(("compiled-", "vmap-"))
+
+
+# --- one model's pieces ---------------------------------------------------------------
+
+
+def model_config(model: str, batch_size: int) -> tuple[models.Family, Config, tuple]:
+    family_name, shape, _ = MODELS[model]
+    family = models.get(family_name)
+    config = resolve(Config(model=family_name, batch_size=batch_size), family.defaults)
+    return family, config, shape
+
+
+def synthetic_inputs(family: models.Family, config: Config, shape: tuple, device: torch.device,
+                     seed: int = 0, models_stacked: int = 0) -> list[tuple]:
+    """POOL (batch, inputs) pairs on the device: images uniform in [0, 1], points N(0, I).
+
+    With `models_stacked` = N > 0 every tensor gains a leading axis of N (one
+    batch and one noise draw per ensemble member)."""
+    per_step = family.batches_per_step(config)
+    leading = (per_step,) if per_step > 1 else ()
+    pool = []
+    for index in range(POOL):
+        generator = torch.Generator().manual_seed(seed * 1000 + index)
+
+        def one_draw():
+            size = (*leading, config.batch_size, *shape)
+            batch = torch.rand(size, generator=generator) if len(shape) == 3 else torch.randn(size, generator=generator)
+            return batch, family.make_noise(config, shape, config.batch_size, generator)
+
+        if models_stacked:
+            draws = [one_draw() for _ in range(models_stacked)]
+            batch = torch.stack([d[0] for d in draws])
+            noise = {k: torch.stack([d[1][k] for d in draws]) for k in draws[0][1]}
+        else:
+            batch, noise = one_draw()
+        pool.append((batch.to(device), to_device(noise, device)))
+    return pool
+
+
+def flops_per_step(model: str, config: Config, shape: tuple, batch: int) -> int:
+    """FLOPs of one training step: FlopCounterMode over one eager step of gen's pure
+    step (every forward and backward pass it makes, gradient penalties included).
+
+    Counted are matmuls and convolutions (2 FLOPs per multiply-add); elementwise
+    work — activations, losses, batch norm and the optimizer's updates — is not,
+    as is usual for model FLOPs."""
+    family = models.get(MODELS[model][0])
+    config = resolve(Config(**{**config.to_dict(), "batch_size": batch}), family.defaults)
+    state = family.init(config, shape, 0)
+    (x, inputs), = synthetic_inputs(family, config, shape, torch.device("cpu"))[:1]
+    step = family.make_step(config, shape)
+    with FlopCounterMode(display=False) as counter:
+        step(state, x, inputs)
+    return counter.get_total_flops()
+
+
+# --- modes: each a function that advances its own copy of the training state n steps ----
+
+
+def load_peers():
+    """bench/peers.py, found next to the gen package (bench/ is not installed with it); None if absent."""
+    if not (PEERS_DIR / "peers.py").exists():
+        return None
+    if str(PEERS_DIR) not in sys.path:
+        sys.path.insert(0, str(PEERS_DIR))
+    import peers
+    return peers
+
+
+def stack_states(states: list[Tree]) -> Tree:
+    """N states → one state whose every leaf has a leading model axis of N."""
+    first = states[0]
+    return {k: stack_states([s[k] for s in states]) if isinstance(v, dict) else torch.stack([s[k] for s in states])
+            for k, v in first.items()}
+
+
+def make_runner(mode: str, model: str, config: Config, shape: tuple, device: torch.device,
+                seed: int = 0) -> Callable[[int], None]:
+    """`advance(n)`: run n training steps in this mode. The state lives in the closure and is
+    replaced (never mutated) each step; nothing is read back to the host."""
+    family = models.get(MODELS[model][0])
+    if mode == "module":
+        peer = load_peers().build(model, config, shape, device)
+        pool = [batch for batch, _ in synthetic_inputs(family, config, shape, device, seed)]
+
+        def advance_module(n: int) -> None:
+            for index in range(n):
+                peer.step(pool[index % POOL])
+        return advance_module
+
+    step = family.make_step(config, shape)
+    members = int(mode.split("-")[1]) if mode.startswith("vmap-") else 0
+    if members:
+        state = stack_states([to_device(family.init(config, shape, seed + i), device) for i in range(members)])
+        step = compile_step(torch.func.vmap(step), device)
+    else:
+        state = to_device(family.init(config, shape, seed), device)
+        if mode == "compiled-bf16":
+            step = autocast_step(step, device)
+        if is_compiled(mode):
+            # "compiled" returns only the metrics and overwrites `state` in place (gen.optim.donate)
+            step = compile_step(step, device, donate=mode == "compiled",
+                                mode="reduce-overhead" if mode == "compiled-ro" else None)
+    pool = synthetic_inputs(family, config, shape, device, seed, models_stacked=members)
+    if is_compiled(mode) and not members and model in CHANNELS_LAST and device.type == "cpu":
+        # Inductor runs CPU convolutions channels-last (oneDNN's preferred layout) and otherwise
+        # converts every NCHW weight and image on each call; handing it channels-last tensors
+        # removes those copies (dcgan b64: about 8% faster here). The updated weights come back
+        # channels-last too, so the layout, and the graph, stay the same from step to step.
+        # CPU only: on CUDA the updated weights came back in another layout than the one the
+        # graph was compiled for, and Inductor's stride assertion failed on the next call.
+        state = tree_map(channels_last, state)
+        pool = [(channels_last(batch), inputs) for batch, inputs in pool]
+    if mode == "compiled-ro":
+        return cudagraph_runner(step, state, pool)
+    if mode == "compiled":
+        return donated_runner(step, state, pool)
+    holder = {"state": state}
+
+    def advance(n: int) -> None:
+        state = holder["state"]
+        for index in range(n):
+            batch, inputs = pool[index % POOL]
+            state, _ = step(state, batch, inputs)
+        holder["state"] = state
+    return advance
+
+
+def donated_runner(stepped: Callable, state: Tree, pool: list) -> Callable[[int], None]:
+    """`advance(n)` for the compiled mode, as gen train runs it: `stepped` (compiled
+    gen.optim.donate(step)) overwrites `state` in place each call, the same dict and
+    tensors throughout; every call after the very first runs under compilation.steady()."""
+    calls = {"made": 0}
+
+    def advance(n: int) -> None:
+        index = 0
+        if n and not calls["made"]:  # the first call compiles, with guards (nothing to skip yet)
+            batch, inputs = pool[0]
+            stepped(state, batch, inputs)
+            index = 1
+        with steady():
+            for index in range(index, n):
+                batch, inputs = pool[index % POOL]
+                stepped(state, batch, inputs)
+        calls["made"] += n
+    return advance
+
+
+def autocast_step(step: Callable, device: torch.device) -> Callable:
+    """The step with its matmuls and convolutions in bfloat16 (torch.autocast inside the compiled
+    function, so Dynamo traces it into the one graph). Params, moments and the optimizer's
+    arithmetic stay float32; only autocast's op list (mm, conv, ...) runs in bf16."""
+    def step_bf16(state, batch, inputs):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return step(state, batch, inputs)
+    return step_bf16
+
+
+def cudagraph_runner(step: Callable, state: Tree, pool: list) -> Callable[[int], None]:
+    """`advance(n)` for a step compiled with mode="reduce-overhead" (CUDA graphs).
+
+    A replay writes its outputs into memory that the next replay reuses, and feeding
+    those outputs straight back in as the next step's inputs is what has crashed
+    (TORCH_NOTES.md; pytorch #160281). So the state lives in fixed buffers, marked
+    static so the graph reads them in place instead of copying each one in, and
+    after every replay the new state is copied into them with one _foreach_copy_
+    — JAX's donation, done by hand. cudagraph_mark_step_begin() before each call
+    tells the cudagraph tree that the previous step's outputs are dead."""
+    buffers = flatten(state)
+    for t in buffers:
+        torch._dynamo.mark_static_address(t)
+
+    def advance(n: int) -> None:
+        for index in range(n):
+            batch, inputs = pool[index % POOL]
+            torch.compiler.cudagraph_mark_step_begin()
+            new_state, _ = step(state, batch, inputs)
+            torch._foreach_copy_(buffers, flatten(new_state))
+    return advance
+
+
+def flatten(tree: Tree) -> list[torch.Tensor]:
+    """The leaves of a nested dict of tensors, in key order."""
+    return [t for v in tree.values() for t in (flatten(v) if isinstance(v, dict) else [v])]
+
+
+def channels_last(t: torch.Tensor) -> torch.Tensor:
+    """4-D tensors (conv weights, image batches) in channels-last memory order; others unchanged."""
+    return t.contiguous(memory_format=torch.channels_last) if t.ndim == 4 else t
