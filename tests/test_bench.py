@@ -9,7 +9,7 @@ import torch
 
 from gen import bench, models
 from gen.bench import harness
-from gen.tree import take
+from gen.tree import leaves, take
 
 peers = bench.load_peers()
 SHAPE = (1, 28, 28)
@@ -186,7 +186,7 @@ def test_autocast_and_cudagraph_runner_code_paths_on_cpu():
     pool = bench.synthetic_inputs(family, config, shape, torch.device("cpu"))
     state = family.init(config, shape, 0)
     new_state, metrics = bench.autocast_step(step, torch.device("cpu"))(state, *pool[0])
-    assert all(t.dtype == s.dtype for t, s in zip(bench.flatten(new_state), bench.flatten(state)))
+    assert all(t.dtype == s.dtype for t, s in zip(leaves(new_state), leaves(state)))
     assert torch.isfinite(metrics["loss"])
 
     buffers_state = family.init(config, shape, 0)
@@ -194,7 +194,7 @@ def test_autocast_and_cudagraph_runner_code_paths_on_cpu():
     expected = family.init(config, shape, 0)
     for index in range(3):
         expected, _ = step(expected, *pool[index])
-    for got, want in zip(bench.flatten(buffers_state), bench.flatten(expected)):
+    for got, want in zip(leaves(buffers_state), leaves(expected)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 

@@ -45,5 +45,5 @@ from gen.bench.harness import ROW_FIELDS, available_models, available_modes, mai
     speedups, time_group
 from gen.bench.machine import keep_freed_memory, machine, matmul_peak_gflops, resolve_device, time_mode
 from gen.bench.modes import CHANNELS_LAST, CUDA_MODES, MODELS, MODES, PEERS_DIR, autocast_step, \
-    channels_last, cudagraph_runner, flatten, flops_per_step, load_peers, make_runner, model_config, \
+    channels_last, cudagraph_runner, flops_per_step, load_peers, make_runner, model_config, \
     synthetic_inputs

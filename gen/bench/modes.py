@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from gen import models
 from gen.compilation import compile_step, steady
 from gen.config import Config, resolve
-from gen.tree import Tree, to_device, tree_map
+from gen.tree import Tree, leaves, to_device, tree_map
 
 # bench name -> (gen family, example shape, batch sizes timed by default)
 MODELS = {
@@ -198,7 +198,7 @@ def cudagraph_runner(step: Callable, state: Tree, pool: list) -> Callable[[int],
     after every replay the new state is copied into them with one _foreach_copy_
     — JAX's donation, done by hand. cudagraph_mark_step_begin() before each call
     tells the cudagraph tree that the previous step's outputs are dead."""
-    buffers = flatten(state)
+    buffers = leaves(state)
     for t in buffers:
         torch._dynamo.mark_static_address(t)
 
@@ -207,13 +207,8 @@ def cudagraph_runner(step: Callable, state: Tree, pool: list) -> Callable[[int],
             batch, inputs = pool[index % POOL]
             torch.compiler.cudagraph_mark_step_begin()
             new_state, _ = step(state, batch, inputs)
-            torch._foreach_copy_(buffers, flatten(new_state))
+            torch._foreach_copy_(buffers, leaves(new_state))
     return advance
-
-
-def flatten(tree: Tree) -> list[torch.Tensor]:
-    """The leaves of a nested dict of tensors, in key order."""
-    return [t for v in tree.values() for t in (flatten(v) if isinstance(v, dict) else [v])]
 
 
 def channels_last(t: torch.Tensor) -> torch.Tensor:
