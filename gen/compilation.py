@@ -38,6 +38,15 @@ Four choices, each measured on the 2-core CPU of bench/README.md:
    Python. VAE b128: about 0.25 ms (6%) less a step; gan-2d's cold compile
    25 -> 19 s. On CUDA the default Python wrapper stays (CUDA graphs, not a C++
    wrapper, are what removes launch overhead there; bench/README.md).
+
+What the step's own code avoids, because Dynamo re-traces its Python in every
+new process, warm compile cache or not: einops and torch.utils._pytree. Dynamo
+steps through einops' pattern parsing line by line, about 90 ms a call against
+3 ms for the same `flatten`/`unflatten` (17 calls: 1.6-1.8 s against 0.05-0.06 s
+to trace); pytree builds TreeSpec objects it must also trace. So the models
+reshape with torch methods (the einops pattern in a comment where it helps) and
+pass trees through gen.tree's `leaves`/`with_leaves`. WGAN-GP b256's warm
+compile went from 5.9-6.7 to 4.9-5.4 s, cold from 29 to 26 s (interleaved probes).
 """
 
 import json

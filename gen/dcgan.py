@@ -19,7 +19,6 @@ statistics and spectral-norm vectors go in and come back, never mutated.
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor
 
 from gen import nn
@@ -70,7 +69,7 @@ def generator(params: Params, state: Params, z: Tensor, shape: tuple, training: 
     base = shape[1] // 4
     h = nn.linear(take(params, "project"), z)                                     # (B, 128·b·b)
     h, state = _batch_norm(params, state, "project_norm", h, training)
-    h = rearrange(F.relu(h), "b (c h w) -> b c h w", c=2 * WIDTH, h=base, w=base)
+    h = F.relu(h).unflatten(1, (2 * WIDTH, base, base))                          # (B, 128, H/4, W/4)
     h = nn.conv_transpose2d(take(params, "deconv1"), h, stride=2, padding=1)      # (B, 64, H/2, W/2)
     h, state = _batch_norm(params, state, "deconv1_norm", h, training)
     h = nn.conv_transpose2d(take(params, "deconv2"), F.relu(h), stride=2, padding=1)  # (B, C, H, W)
@@ -122,4 +121,4 @@ def discriminator(params: Params, state: Params, x: Tensor, training: bool) -> t
         h, state = _batch_norm(params, state, "conv2_norm", h, training)
     h = F.leaky_relu(h, 0.2)
     output, state = spectral_weights(params, state, "output", training)
-    return nn.linear(output, rearrange(h, "b c h w -> b (c h w)"))[:, 0], state
+    return nn.linear(output, h.flatten(1))[:, 0], state

@@ -15,17 +15,15 @@ from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor
 from torch.func import grad, grad_and_value, vjp
-from torch.utils._pytree import tree_flatten, tree_structure, tree_unflatten
 
 from gen import dcgan, nn
 from gen.config import Config
 from gen.data import Dataset
 from gen.metrics import mode_coverage
 from gen.models import Family, make_optimizer
-from gen.tree import Params, Tree, take, with_prefix
+from gen.tree import Params, Tree, leaves, take, with_leaves, with_prefix
 
 # --- losses: D(x) is a logit, σ(D(x)) the probability that x is real ---------------------
 
@@ -131,7 +129,7 @@ def mlp_discriminator_init(generator: torch.Generator, shape: tuple, hidden_dim:
 
 def mlp_discriminator(params: Params, state: Params, x: Tensor, training: bool):
     """x → [Linear → LeakyReLU(0.2)] × depth → Linear → logit (B,); W/σ(W) in every layer for SNGAN."""
-    h = rearrange(x, "b ... -> b (...)")
+    h = x.flatten(1)
     for i in range(MLP_DEPTH):
         layer, state = dcgan.spectral_weights(params, state, f"hidden{i + 1}", training)
         h = F.leaky_relu(nn.linear(layer, h), 0.2)
@@ -175,7 +173,8 @@ def networks(config: Config, shape: tuple):
     m = packing(config)
 
     def packed_discriminator(params, state, x, training):
-        return mlp_discriminator(params, state, rearrange(x, "(b m) ... -> b (m ...)", m=m), training)
+        # (b m) ... -> b (m ...): m consecutive examples side by side
+        return mlp_discriminator(params, state, x.reshape(len(x) // m, -1), training)
 
     return (lambda p, s, z, training: mlp_generator(p, s, z, shape, training)), packed_discriminator
 
@@ -277,7 +276,8 @@ def make_step(config: Config, shape: tuple):
         grads, (_, (metrics, d_state)) = grad_and_value(discriminator_objective, has_aux=True)(
             d_params, d_state, real, fake, epsilon)
         d_params, d_opt = d_optimizer.update(grads, d_opt, d_params)
-        return tuple(tree_flatten((d_params, d_opt, d_state, {k: metrics[k] for k in metric_names}))[0])
+        return tuple(leaves({"params": d_params, "opt": d_opt, "state": d_state,
+                             "metrics": {k: metrics[k] for k in metric_names}}))
 
     def critic_update(d_params, d_opt, d_state, g_params, g_state, real, z, epsilon):
         """One of the n_critic critic updates. Dynamo traces it once and stamps that graph out for
@@ -285,9 +285,10 @@ def make_step(config: Config, shape: tuple):
         double backward n_critic times: WGAN-GP b256's compile probe went from 65 to 25 s cold and
         9.2 to 5.6 s warm (bench/README.md has the latest). A reusable region must return tensors
         only, hence the flat tuple of leaves, rebuilt here into (d_params, d_opt, d_state, metrics)."""
-        leaves = critic_update_leaves(d_params, d_opt, d_state, g_params, g_state, real, z, epsilon)
-        structure = tree_structure((d_params, d_opt, d_state, dict.fromkeys(metric_names, 0)))
-        return tree_unflatten(list(leaves), structure)
+        new_leaves = critic_update_leaves(d_params, d_opt, d_state, g_params, g_state, real, z, epsilon)
+        updated = with_leaves({"params": d_params, "opt": d_opt, "state": d_state,
+                               "metrics": dict.fromkeys(metric_names)}, new_leaves)
+        return updated["params"], updated["opt"], updated["state"], updated["metrics"]
 
     def step(state: Tree, batch: Tensor, inputs: dict[str, Tensor]) -> tuple[Tree, dict[str, Tensor]]:
         g_params, d_params = take(state["params"], "generator"), take(state["params"], "discriminator")

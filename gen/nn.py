@@ -15,7 +15,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor
 
 from gen.tree import Params
@@ -129,7 +128,7 @@ def spectral_normalize(weight: Tensor, state: Params, n_power_iterations: int = 
     vectors are treated as constants (no gradient flows through u, v), as in
     the paper and torch.nn.utils.spectral_norm.
     """
-    matrix = rearrange(weight, "o ... -> o (...)")
+    matrix = weight.flatten(1)                                          # (out, in·k·k)
     u = state["u"]
     with torch.no_grad():
         for _ in range(n_power_iterations):

@@ -56,8 +56,31 @@ def tree_map(fn: Callable[[Tensor], Tensor], tree: Tree) -> Tree:
 
 
 def leaves(tree: Tree) -> list[Tensor]:
-    """Every tensor of the tree, depth first in key order (the order of `flatten`)."""
-    return list(flatten(tree).values())
+    """Every tensor of the tree, depth first in key order (the order of `flatten`).
+
+    Written without key strings or torch's pytree: compiled steps call it, and
+    Dynamo traces every Python line it runs (see `with_leaves`)."""
+    found = []
+    for value in tree.values():
+        if isinstance(value, dict):
+            found.extend(leaves(value))
+        else:
+            found.append(value)
+    return found
+
+
+def with_leaves(tree: Tree, new_leaves) -> Tree:
+    """The tree with its leaves replaced, in `leaves` order: `with_leaves(t, leaves(t))` equals t.
+
+    For a compiled function that must pass a tree through a tensors-only boundary
+    (gen/gan.py's critic update). torch.utils._pytree does the same, but Dynamo
+    traces its TreeSpec objects line by line (gen/compilation.py)."""
+    remaining = iter(new_leaves)
+
+    def rebuild(node: Tree) -> Tree:
+        return {k: rebuild(v) if isinstance(v, dict) else next(remaining) for k, v in node.items()}
+
+    return rebuild(tree)
 
 
 def count_parameters(params: Params) -> int:

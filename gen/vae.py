@@ -12,7 +12,6 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, reduce
 from torch import Tensor
 from torch.func import grad_and_value, vmap
 
@@ -32,19 +31,19 @@ def gaussian_sample(mean: Tensor, log_variance: Tensor, eps: Tensor) -> Tensor:
 
 def gaussian_kl(mean: Tensor, log_variance: Tensor) -> Tensor:
     """KL(N(μ, σ²) ‖ N(0, I)) = -½ Σ_j (1 + log σ_j² - μ_j² - σ_j²)  (VAE paper, Appendix B), per example."""
-    return -0.5 * reduce(1 + log_variance - mean.pow(2) - log_variance.exp(), "b d -> b", "sum")
+    return -0.5 * (1 + log_variance - mean.pow(2) - log_variance.exp()).sum(1)  # (B,)
 
 
 def gaussian_log_density(z: Tensor, mean: Tensor, log_variance: Tensor) -> Tensor:
     """log N(z; μ, σ²) = -½ Σ_j (log 2π + log σ_j² + (z_j - μ_j)² / σ_j²), per example."""
     terms = math.log(2 * math.pi) + log_variance + (z - mean).pow(2) * torch.exp(-log_variance)
-    return -0.5 * reduce(terms, "b d -> b", "sum")
+    return -0.5 * terms.sum(1)  # (B,)
 
 
 def bernoulli_log_likelihood(logits: Tensor, x: Tensor) -> Tensor:
     """log p(x|z) = Σ_i x_i log p_i + (1 - x_i) log(1 - p_i), p = sigmoid(logits): minus the summed BCE."""
     bce = F.binary_cross_entropy_with_logits(logits, x, reduction="none")
-    return -reduce(bce, "b ... -> b", "sum")
+    return -bce.flatten(1).sum(1)  # (B,)
 
 
 # --- architectures -------------------------------------------------------------------
@@ -76,7 +75,7 @@ def gaussian_heads(params: Params, h: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def mlp_encode(params: Params, x: Tensor) -> tuple[Tensor, Tensor]:
-    h = F.relu(nn.linear(take(params, "encoder.hidden"), rearrange(x, "b ... -> b (...)")))
+    h = F.relu(nn.linear(take(params, "encoder.hidden"), x.flatten(1)))
     return gaussian_heads(params, h)
 
 
@@ -105,7 +104,7 @@ def conv_init(generator: torch.Generator, shape: tuple, hidden_dim: int, latent_
 def conv_encode(params: Params, x: Tensor) -> tuple[Tensor, Tensor]:
     h = F.relu(nn.conv2d(take(params, "encoder.conv1"), x, stride=2, padding=1))   # (B, 32, H/2, W/2)
     h = F.relu(nn.conv2d(take(params, "encoder.conv2"), h, stride=2, padding=1))   # (B, 64, H/4, W/4)
-    h = F.relu(nn.linear(take(params, "encoder.hidden"), rearrange(h, "b c h w -> b (c h w)")))
+    h = F.relu(nn.linear(take(params, "encoder.hidden"), h.flatten(1)))
     return gaussian_heads(params, h)
 
 
@@ -113,7 +112,7 @@ def conv_decode(params: Params, z: Tensor, shape: tuple) -> Tensor:
     _, height, width = shape
     h = F.relu(nn.linear(take(params, "decoder.hidden"), z))
     h = F.relu(nn.linear(take(params, "decoder.expand"), h))
-    h = rearrange(h, "b (c h w) -> b c h w", c=64, h=height // 4, w=width // 4)
+    h = h.unflatten(1, (64, height // 4, width // 4))                               # (B, 64, H/4, W/4)
     h = F.relu(nn.conv_transpose2d(take(params, "decoder.deconv1"), h, stride=2, padding=1))
     return nn.conv_transpose2d(take(params, "decoder.deconv2"), h, stride=2, padding=1)  # logits (B, C, H, W)
 
