@@ -135,7 +135,8 @@ def write_samples(source: Path, n: int, out: Path, seed: int, device: str) -> No
 
     from gen import checkpoint, data, models, plots, rng
     from gen.config import Config
-    from gen.train import CHECKPOINT, resolve_device
+    from gen.device import resolve_device
+    from gen.train import CHECKPOINT
     from gen.tree import to_device
 
     if n < 1:

@@ -40,19 +40,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from gen import checkpoint, compilation, data, models, plots, rng
 from gen.config import Config, resolve, validate
+from gen.device import resolve_device, synchronize
 from gen.tree import to_device
 
 CHECKPOINT = "checkpoint.safetensors"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no CUDA device: use --device cpu")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device '{name}': use auto, cpu or cuda")
-    return torch.device(name)
 
 
 def prepare(config: Config) -> tuple[Config, models.Family, data.Dataset]:
@@ -144,7 +135,7 @@ def train(config: Config, out: str | Path, resume: bool = False, show_progress: 
                     state, metrics = step_fn(state, batch, inputs)
                     state_is_whole, steps_done = True, step + 1
                 if compile_seconds is None:  # the first call compiles; time it apart from throughput
-                    _synchronize(device)
+                    synchronize(device)
                     compile_seconds = time.perf_counter() - tick
                     interval_start, interval_steps = time.perf_counter(), 0
                     progress.advance(task)
@@ -254,11 +245,6 @@ def _status(row: dict) -> str:
 def _progress(show: bool) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TimeRemainingColumn(), TextColumn("{task.fields[status]}"), disable=not show)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _graph_count() -> int:

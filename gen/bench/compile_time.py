@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from gen.bench.machine import resolve_device, synchronize
+from gen.device import resolve_device, synchronize
 from gen.bench.modes import model_config, synthetic_inputs
 from gen.compilation import compile_step
 from gen.tree import to_device

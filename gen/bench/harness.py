@@ -11,10 +11,10 @@ import torch
 
 from gen import models
 from gen.bench.compile_time import compile_seconds
-from gen.bench.machine import keep_freed_memory, machine, matmul_sampler, peak_memory_mb, resolve_device, \
-    time_mode
+from gen.bench.machine import keep_freed_memory, machine, matmul_sampler, peak_memory_mb, time_mode
 from gen.bench.modes import CUDA_MODES, MODELS, MODES, PEERS_DIR, flops_per_step, load_peers, make_runner, \
     model_config
+from gen.device import resolve_device
 
 
 def available_modes(modes: list[str] | None, device: torch.device | str = "cpu") -> list[str]:

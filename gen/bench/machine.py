@@ -12,15 +12,7 @@ from typing import Callable
 
 import torch
 
-
-def resolve_device(name: str) -> torch.device:
-    from gen.train import resolve_device as train_resolve_device
-    return train_resolve_device(name)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from gen.device import synchronize
 
 
 # --- the float32 matmul peak and what the numbers came from ------------------------------
