@@ -2,6 +2,7 @@
 parity with gen's losses (the proof they are the same models), and one end-to-end run."""
 
 import json
+import statistics
 from dataclasses import replace
 
 import pytest
@@ -97,8 +98,20 @@ def test_harness_runs_end_to_end_and_writes_json(tmp_path):
         assert r["samples_per_s_min"] <= r["samples_per_s"] <= r["samples_per_s_max"]
         assert r["ms_per_step"] > 0 and r["gflops"] > 0 and 0 < r["pct_of_peak"] and r["peak_memory_mb"] > 0
         assert r["cold_compile_s"] is None  # nothing compiled in these modes
+        assert len(r["round_seconds"]) == 2 and r["ms_per_step"] == pytest.approx(
+            1000 * statistics.median(r["round_seconds"]) / 2)
+    eager, module = results
+    assert module["paired_vs_module"] == 1.0
+    assert eager["paired_vs_module"] == pytest.approx(statistics.median(
+        [m / e for m, e in zip(module["round_seconds"], eager["round_seconds"])]))
     written = json.loads(path.read_text())
     assert written["results"] == results and written["machine"]["torch"] == torch.__version__
+
+
+def test_paired_ratio_pairs_rounds_and_stops_where_a_mode_stopped():
+    # the peer took 2, 4, 6 s in rounds 1-3; the mode 1 s in rounds 1-2, then failed
+    assert harness.paired_ratio([2.0, 4.0, 6.0], [1.0, 1.0]) == 3.0
+    assert harness.paired_ratio([], [1.0]) is None  # no peer in the run
 
 
 def test_unknown_mode_and_model_are_one_line_errors():

@@ -82,7 +82,7 @@ def error_row(model: str, batch_size: int, mode: str, device: torch.device, erro
 ROW_FIELDS = ("model", "batch_size", "mode", "device", "batches_per_step", "models", "steps", "repeats",
               "samples_per_s", "samples_per_s_min", "samples_per_s_max", "ms_per_step", "gflop_per_step",
               "gflops", "pct_of_peak", "peak_gflops", "first_call_s", "cold_compile_s", "warm_compile_s",
-              "peak_memory_mb", "peak_memory_kind", "error")
+              "peak_memory_mb", "peak_memory_kind", "round_seconds", "paired_vs_module", "error")
 
 
 def release(device: torch.device) -> None:
@@ -219,9 +219,22 @@ def time_group(model: str, batch_size: int, steps: int, repeats: int, device: to
             "warm_compile_s": warm if mode == "compiled" else None,
             "peak_memory_mb": memory[mode],
             "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
+            "round_seconds": seconds[mode],
+            "paired_vs_module": paired_ratio(seconds.get("module", []), seconds[mode]),
             "error": None,
         })
     return rows
+
+
+def paired_ratio(reference_seconds: list[float], mode_seconds: list[float]) -> float | None:
+    """The median over rounds of (reference's time / this mode's time) in the same round.
+
+    "× module" divides two medians taken over the whole run; on a machine whose
+    speed drifts between rounds, the ratio within each round (the modes ran
+    seconds apart) cancels the drift, and its median is the steadier figure.
+    Round i of each list is the same round: a mode that fails stops adding."""
+    pairs = [r / m for r, m in zip(reference_seconds, mode_seconds)]
+    return median(pairs) if pairs else None
 
 
 def speedups(results: list[dict], reference: str = "module") -> dict[tuple, float]:
