@@ -196,7 +196,7 @@ def bench(
     steps: Annotated[int, typer.Option(help="timed steps per repeat")] = 20,
     repeats: Annotated[int, typer.Option(help="repeats per mode (median reported)")] = 5,
     mode: Annotated[Optional[list[str]], typer.Option(help="compiled | undonated | eager | module | vmap-N | "
-                                                           "compiled-ro | compiled-bf16 (CUDA) (repeatable)")] = None,
+                                                           "compiled-bf16 | compiled-ro (CUDA) (repeatable)")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     json: Annotated[Optional[str], typer.Option(help="also write the results as JSON")] = None,
     time_budget: Annotated[Optional[float], typer.Option(help="seconds after which nothing new starts")] = None,

@@ -1,12 +1,12 @@
 """`gen bench` from a checkout, without the installed command:
 
     python bench/run.py [MODEL ...] [--batch-size B ...] [--steps N] [--repeats R]
-                        [--mode compiled|eager|module|vmap-N|compiled-ro|compiled-bf16 ...]
+                        [--mode compiled|undonated|eager|module|vmap-N|compiled-bf16|compiled-ro ...]
                         [--device auto|cpu|cuda] [--json FILE] [--no-compile-times]
                         [--time-budget SECONDS]
 
-`compiled-ro` (CUDA graphs) and `compiled-bf16` (bf16 autocast) run on CUDA
-only. A mode that fails is a row with an `error` field; --time-budget starts
+`compiled-ro` (CUDA graphs) runs on CUDA only; `compiled-bf16` (bf16 autocast,
+another precision) on either device. A mode that fails is a row with an `error` field; --time-budget starts
 nothing new once the seconds are spent; SIGTERM (e.g. from `timeout`) ends the
 run like Ctrl-C: the table and the JSON of the finished groups are written.
 

@@ -13,8 +13,9 @@ then time, synchronising the device).
     eager      the same pure step, uncompiled
     module     bench/peers.py: nn.Module + torch.optim written as pytorch/examples writes it
     vmap-N     N independent models in one step: torch.compile(vmap(step)) over stacked states
+    compiled-bf16  `compiled` with the step under torch.autocast(device, dtype=torch.bfloat16):
+                   matmuls and convolutions in bf16, so another precision than the other modes
     compiled-ro    CUDA only: mode="reduce-overhead" (CUDA graphs), the state kept in fixed buffers
-    compiled-bf16  CUDA only: the compiled step under torch.autocast("cuda", dtype=torch.bfloat16)
 
 A mode or model that raises is recorded as a row with an `error` field and
 the run goes on; `time_budget` stops a run cleanly, keeping what it has.

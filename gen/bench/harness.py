@@ -12,18 +12,18 @@ import torch
 from gen import models
 from gen.bench.compile_time import compile_seconds
 from gen.bench.machine import keep_freed_memory, machine, matmul_sampler, peak_memory_mb, time_mode
-from gen.bench.modes import CUDA_MODES, MODELS, MODES, PEERS_DIR, flops_per_step, load_peers, make_runner, \
-    model_config
+from gen.bench.modes import CUDA_MODES, EXTRA_MODES, MODELS, MODES, PEERS_DIR, flops_per_step, load_peers, \
+    make_runner, model_config
 from gen.device import resolve_device
 
 
 def available_modes(modes: list[str] | None, device: torch.device | str = "cpu") -> list[str]:
     modes = list(modes or MODES)
     for mode in modes:
-        if mode not in MODES + CUDA_MODES and not (mode.startswith("vmap-") and mode[5:].isdigit()
-                                                   and int(mode[5:]) > 0):
+        if mode not in MODES + EXTRA_MODES and not (mode.startswith("vmap-") and mode[5:].isdigit()
+                                                    and int(mode[5:]) > 0):
             raise ValueError(f"unknown mode '{mode}': use compiled, undonated, eager, module, vmap-N (N models at once), "
-                             f"or on CUDA {' or '.join(CUDA_MODES)}")
+                             f"compiled-bf16, or on CUDA {' or '.join(CUDA_MODES)}")
     if torch.device(device).type != "cuda":
         for mode in [m for m in modes if m in CUDA_MODES]:
             print(f"note: skipping mode '{mode}': it needs --device cuda")

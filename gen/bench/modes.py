@@ -22,7 +22,8 @@ MODELS = {
     "wgan-gp": ("wgan-gp", (2,), (256,)),
 }
 MODES = ("compiled", "undonated", "eager", "module")  # the default set
-CUDA_MODES = ("compiled-ro", "compiled-bf16")  # asked for by name; skipped with a note on CPU
+EXTRA_MODES = ("compiled-bf16", "compiled-ro")  # asked for by name
+CUDA_MODES = ("compiled-ro",)  # skipped with a note on CPU
 CHANNELS_LAST = ("conv-vae", "dcgan")  # conv models whose compiled step gets channels-last weights and images
 POOL = 4  # distinct batches/noise draws cycled through, so no step sees the very same tensors twice in a row
 PEERS_DIR = Path(__file__).resolve().parents[2] / "bench"
@@ -131,7 +132,7 @@ def make_runner(mode: str, model: str, config: Config, shape: tuple, device: tor
             step = autocast_step(step, device)
         if is_compiled(mode):
             # "compiled" returns only the metrics and overwrites `state` in place (gen.optim.donate)
-            step = compile_step(step, device, donate=mode == "compiled",
+            step = compile_step(step, device, donate=mode in ("compiled", "compiled-bf16"),
                                 mode="reduce-overhead" if mode == "compiled-ro" else None)
     pool = synthetic_inputs(family, config, shape, device, seed, models_stacked=members)
     if is_compiled(mode) and not members and model in CHANNELS_LAST and device.type == "cpu":
@@ -145,7 +146,7 @@ def make_runner(mode: str, model: str, config: Config, shape: tuple, device: tor
         pool = [(channels_last(batch), inputs) for batch, inputs in pool]
     if mode == "compiled-ro":
         return cudagraph_runner(step, state, pool)
-    if mode == "compiled":
+    if mode in ("compiled", "compiled-bf16"):
         return donated_runner(step, state, pool)
     holder = {"state": state}
 
