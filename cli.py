@@ -63,6 +63,8 @@ def train(
     seed: Annotated[int, typer.Option(help="seed for init, data order and noise")] = 0,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the step")] = True,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    precision: Annotated[str, typer.Option(help="float32 | bf16 (matmuls and convolutions in bfloat16: "
+                                                "faster where the CPU or GPU has bf16 units)")] = "float32",
     out: Annotated[Optional[Path], typer.Option(help="run folder (default runs/MODEL-DATA)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out from its checkpoint")] = False,
     log_every: Annotated[int, typer.Option(help="steps between metric lines")] = 50,
@@ -92,8 +94,8 @@ def train(
                             batch_size=batch_size, optimizer=optimizer, lr=lr, seed=seed, beta=beta,
                             iwae_k=iwae_k, latent_dim=latent_dim, hidden_dim=hidden_dim, lr_schedule=lr_schedule,
                             gan_loss=gan_loss, n_critic=n_critic, gp_weight=gp_weight, pack=pack,
-                            ema_decay=ema_decay,
-                            compile=compile, device=device, log_every=log_every, sample_every=sample_every)
+                            ema_decay=ema_decay, compile=compile, device=device, precision=precision,
+                            log_every=log_every, sample_every=sample_every)
             out = out or default_out(model, data)
         summary = run_training(config, out, resume=resume, show_progress=progress)
     except KeyboardInterrupt as interrupt:

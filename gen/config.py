@@ -40,6 +40,7 @@ class Config:
     # running
     compile: bool = True
     device: str = "auto"
+    precision: str = "float32"       # float32 | bf16: the step's matmuls and convolutions in bfloat16
     log_every: int = 50
     sample_every: int = 0            # 0: no intermediate sample grids
     eval_samples: int = 2500
@@ -89,6 +90,7 @@ def validate(config: Config) -> None:
         (config.pack is None or config.pack >= 1, "--pack must be at least 1"),
         (config.pack in (None, 1) or (config.batch_size or 0) % config.pack == 0,
          "--batch-size must be a multiple of --pack"),
+        (config.precision in ("float32", "bf16"), "--precision must be float32 or bf16"),
         (config.log_every >= 1, "--log-every must be at least 1"),
         (config.sample_every >= 0, "--sample-every must be 0 (off) or positive"),
     ]

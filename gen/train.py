@@ -40,7 +40,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from gen import checkpoint, compilation, data, models, plots, rng
 from gen.config import Config, resolve, validate
-from gen.device import resolve_device, synchronize
+from gen.device import autocast_step, resolve_device, synchronize
 from gen.tree import to_device
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -100,6 +100,8 @@ def train(config: Config, out: str | Path, resume: bool = False, show_progress: 
                 "shape": list(shape), "steps_per_epoch": steps_per_epoch}
 
     step_fn = family.make_step(config, shape)
+    if config.precision == "bf16":
+        step_fn = autocast_step(step_fn, device)  # evaluation and sampling stay float32
     if config.compile:
         donating_step = compilation.compile_step(step_fn, device, donate=True)
 

@@ -84,6 +84,7 @@ def test_resume_extends_a_run(run, tmp_path):
     (["train", "vae", "--lr", "-1"], "--lr must be positive"),
     (["train", "vae", "--epochs", "2", "--steps", "3"], "not both"),
     (["train", "vae", "--device", "tpu"], "unknown device 'tpu'"),
+    (["train", "vae", "--precision", "fp16"], "--precision must be float32 or bf16"),
     (["sample", "/nonexistent/run"], "does not exist"),
     (["info", "/nonexistent/checkpoint.safetensors"], "does not exist"),
 ])

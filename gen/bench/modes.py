@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from gen import models
 from gen.compilation import compile_step, steady
 from gen.config import Config, resolve
+from gen.device import autocast_step
 from gen.tree import Tree, leaves, to_device, tree_map
 
 # bench name -> (gen family, example shape, batch sizes timed by default)
@@ -177,16 +178,6 @@ def donated_runner(stepped: Callable, state: Tree, pool: list) -> Callable[[int]
                 stepped(state, batch, inputs)
         calls["made"] += n
     return advance
-
-
-def autocast_step(step: Callable, device: torch.device) -> Callable:
-    """The step with its matmuls and convolutions in bfloat16 (torch.autocast inside the compiled
-    function, so Dynamo traces it into the one graph). Params, moments and the optimizer's
-    arithmetic stay float32; only autocast's op list (mm, conv, ...) runs in bf16."""
-    def step_bf16(state, batch, inputs):
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            return step(state, batch, inputs)
-    return step_bf16
 
 
 def cudagraph_runner(step: Callable, state: Tree, pool: list) -> Callable[[int], None]:
