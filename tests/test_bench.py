@@ -201,6 +201,7 @@ def test_autocast_and_cudagraph_runner_code_paths_on_cpu():
     new_state, metrics = bench.autocast_step(step, torch.device("cpu"))(state, *pool[0])
     assert all(t.dtype == s.dtype for t, s in zip(leaves(new_state), leaves(state)))
     assert torch.isfinite(metrics["loss"])
+    assert all(value.dtype == torch.float32 for value in metrics.values())  # logged as float32
 
     buffers_state = family.init(config, shape, 0)
     bench.cudagraph_runner(step, buffers_state, pool)(3)
