@@ -76,11 +76,7 @@ def with_leaves(tree: Tree, new_leaves) -> Tree:
     (gen/gan.py's critic update). torch.utils._pytree does the same, but Dynamo
     traces its TreeSpec objects line by line (gen/compilation.py)."""
     remaining = iter(new_leaves)
-
-    def rebuild(node: Tree) -> Tree:
-        return {k: rebuild(v) if isinstance(v, dict) else next(remaining) for k, v in node.items()}
-
-    return rebuild(tree)
+    return tree_map(lambda _: next(remaining), tree)  # tree_map visits leaves in `leaves` order
 
 
 def count_parameters(params: Params) -> int:

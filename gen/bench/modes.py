@@ -25,6 +25,7 @@ MODELS = {
 MODES = ("compiled", "undonated", "eager", "module")  # the default set
 EXTRA_MODES = ("compiled-bf16", "compiled-ro")  # asked for by name
 CUDA_MODES = ("compiled-ro",)  # skipped with a note on CPU
+DONATED_MODES = ("compiled", "compiled-bf16")  # run as gen train runs its step: donated, guards skipped once warm
 CHANNELS_LAST = ("conv-vae", "dcgan")  # conv models whose compiled step gets channels-last weights and images
 POOL = 4  # distinct batches/noise draws cycled through, so no step sees the very same tensors twice in a row
 PEERS_DIR = Path(__file__).resolve().parents[2] / "bench"
@@ -133,7 +134,7 @@ def make_runner(mode: str, model: str, config: Config, shape: tuple, device: tor
             step = autocast_step(step, device)
         if is_compiled(mode):
             # "compiled" returns only the metrics and overwrites `state` in place (gen.optim.donate)
-            step = compile_step(step, device, donate=mode in ("compiled", "compiled-bf16"),
+            step = compile_step(step, device, donate=mode in DONATED_MODES,
                                 mode="reduce-overhead" if mode == "compiled-ro" else None)
     pool = synthetic_inputs(family, config, shape, device, seed, models_stacked=members)
     if is_compiled(mode) and not members and model in CHANNELS_LAST and device.type == "cpu":
@@ -147,7 +148,7 @@ def make_runner(mode: str, model: str, config: Config, shape: tuple, device: tor
         pool = [(channels_last(batch), inputs) for batch, inputs in pool]
     if mode == "compiled-ro":
         return cudagraph_runner(step, state, pool)
-    if mode in ("compiled", "compiled-bf16"):
+    if mode in DONATED_MODES:
         return donated_runner(step, state, pool)
     holder = {"state": state}
 
