@@ -72,7 +72,8 @@ def generator(params: Params, state: Params, z: Tensor, shape: tuple, training: 
     h = F.relu(h).unflatten(1, (2 * WIDTH, base, base))                          # (B, 128, H/4, W/4)
     h = nn.conv_transpose2d(take(params, "deconv1"), h, stride=2, padding=1)      # (B, 64, H/2, W/2)
     h, state = _batch_norm(params, state, "deconv1_norm", h, training)
-    h = nn.conv_transpose2d(take(params, "deconv2"), F.relu(h), stride=2, padding=1)  # (B, C, H, W)
+    # Few channels come out: a matmul and a fold beat the direct convolution (gen.nn).
+    h = nn.conv_transpose2d_as_matmul(take(params, "deconv2"), F.relu(h), stride=2, padding=1)  # (B, C, H, W)
     return torch.tanh(h), state
 
 
@@ -114,11 +115,12 @@ def spectral_weights(params: Params, state: Params, layer: str, training: bool) 
 def discriminator(params: Params, state: Params, x: Tensor, training: bool) -> tuple[Tensor, Params]:
     """Images (B, C, H, W) in [-1, 1] → logits (B,)."""
     conv1, state = spectral_weights(params, state, "conv1", training)
-    h = F.leaky_relu(nn.conv2d(conv1, x, stride=2, padding=1), 0.2)             # (B, 64, H/2, W/2)
+    # Few channels go in: one matmul over the image's patches beats the direct convolution (gen.nn).
+    h = F.leaky_relu(nn.conv2d_as_matmul(conv1, x, stride=2, padding=1), 0.2)   # (B, 64, H/2, W/2)
     conv2, state = spectral_weights(params, state, "conv2", training)
     h = nn.conv2d(conv2, h, stride=2, padding=1)                                  # (B, 128, H/4, W/4)
     if "conv2_norm.weight" in params:
         h, state = _batch_norm(params, state, "conv2_norm", h, training)
     h = F.leaky_relu(h, 0.2)
     output, state = spectral_weights(params, state, "output", training)
-    return nn.linear(output, h.flatten(1))[:, 0], state
+    return nn.map_linear(output, h)[:, 0], state                                 # linear(h.flatten(1))

@@ -59,6 +59,25 @@ def conv2d(params: Params, x: Tensor, stride: int = 1, padding: int = 0) -> Tens
     return F.conv2d(x, params["weight"], params.get("bias"), stride=stride, padding=padding)
 
 
+def conv2d_as_matmul(params: Params, x: Tensor, stride: int = 1, padding: int = 0) -> Tensor:
+    """conv2d(params, x) as one matmul over x's patches (im2col):
+
+        y[b, :, i, j] = W · patch(x)[b, i, j] + bias,   patch = the C·k·k inputs under the kernel at (i, j)
+
+    The faster form for a layer with few input channels, the first layer on grey or RGB images:
+    there oneDNN's direct convolution has little to vectorise over (DCGAN's 1→64 layer ran at about
+    30 GFLOP/s on this project's CPU), while the matmul has all the output channels. The result is
+    (B, out, Ho, Wo) with channels-last strides, the layout the next convolution reads.
+    """
+    weight = params["weight"]                                            # (out, C, k, k)
+    kernel = weight.shape[2:]
+    height = (x.shape[2] + 2 * padding - kernel[0]) // stride + 1
+    width = (x.shape[3] + 2 * padding - kernel[1]) // stride + 1
+    patches = F.unfold(x, kernel, padding=padding, stride=stride)        # (B, C·k·k, Ho·Wo)
+    y = F.linear(patches.transpose(1, 2), weight.flatten(1), params.get("bias"))  # (B, Ho·Wo, out)
+    return y.unflatten(1, (height, width)).permute(0, 3, 1, 2)
+
+
 def conv_transpose2d_init(generator: torch.Generator, in_channels: int, out_channels: int, kernel_size: int,
                           bias: bool = True) -> Params:
     # Weight layout (in, out, k, k). torch computes fan_in from dim 1 of that
@@ -72,6 +91,38 @@ def conv_transpose2d_init(generator: torch.Generator, in_channels: int, out_chan
 
 def conv_transpose2d(params: Params, x: Tensor, stride: int = 1, padding: int = 0) -> Tensor:
     return F.conv_transpose2d(x, params["weight"], params.get("bias"), stride=stride, padding=padding)
+
+
+def conv_transpose2d_as_matmul(params: Params, x: Tensor, stride: int = 1, padding: int = 0) -> Tensor:
+    """conv_transpose2d(params, x) as one matmul and a fold (col2im):
+
+        cols[b, (i, j)] = x[b, :, i, j] · W      (C_in → out·k·k: what input pixel (i, j) adds under the kernel)
+        y[b, :, p, q]   = Σ cols over the (i, j) whose kernel covers (p, q)  + bias
+
+    The faster form when few channels come out (the last layer of an image generator), for the
+    same reason as conv2d_as_matmul: oneDNN ran DCGAN's 64→1 layer at about 14 GFLOP/s here.
+    """
+    weight = params["weight"]                                            # (C_in, out, k, k)
+    kernel = weight.shape[2:]
+    height = (x.shape[2] - 1) * stride - 2 * padding + kernel[0]
+    width = (x.shape[3] - 1) * stride - 2 * padding + kernel[1]
+    cols = x.flatten(2).transpose(1, 2) @ weight.flatten(1)              # (B, H·W, out·k·k)
+    y = F.fold(cols.transpose(1, 2), (height, width), kernel, padding=padding, stride=stride)
+    if "bias" in params:
+        y = y + params["bias"].reshape(1, -1, 1, 1)
+    return y
+
+
+def map_linear(params: Params, h: Tensor) -> Tensor:
+    """linear(params, h.flatten(1)) for a feature map h (B, C, H, W), as a convolution whose kernel
+    covers the whole map: the same weights in the same C·H·W order, computed in h's own memory
+    layout. Flattening a channels-last map first copies it into NCHW order, which (with the weight
+    gradient's reduction over the batch) cost DCGAN's critic about 5 ms a step on this project's
+    CPU. Worth it for a few outputs (a critic's score); for many (a VAE's 256 hidden units) oneDNN
+    converts the big weight to its own layout on every call and the plain linear is faster.
+    """
+    weight = params["weight"].reshape(-1, *h.shape[1:])                  # (out, C, H, W)
+    return F.conv2d(h, weight, params.get("bias")).flatten(1)
 
 
 # --- batch norm -------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """Each pure layer against torch.nn at the same weights (through functional_call)."""
 
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn as tnn
-from torch.func import functional_call
+from torch.func import functional_call, grad
 
 from gen import nn
 from gen.tree import take, with_prefix
@@ -47,6 +49,83 @@ def test_conv2d_and_conv_transpose2d_match_torch():
     torch.testing.assert_close(y, functional_call(module, params, (x,)))
     # torch's fan-in for a transposed conv weight (in, out, k, k) is out * k * k
     assert params["weight"].abs().max() <= 1 / (5 * 16) ** 0.5
+
+
+conv_shapes = st.tuples(
+    st.integers(1, 3),   # batch
+    st.integers(1, 4),   # in channels
+    st.integers(1, 5),   # out channels
+    st.integers(1, 4),   # kernel
+    st.integers(1, 3),   # stride
+    st.integers(0, 2),   # padding
+    st.integers(4, 9),   # height
+    st.integers(4, 9),   # width
+    st.booleans(),       # bias
+    st.booleans(),       # channels-last input
+).filter(lambda s: s[5] < s[3])  # torch's transposed conv needs padding < kernel
+
+
+def loss_gradients(layer, params, x):
+    """Gradients of Σ y² with respect to the params and the input: the backward pass of the layer."""
+    return grad(lambda p, x: layer(p, x).square().sum(), argnums=(0, 1))(params, x)
+
+
+@settings(max_examples=40, deadline=None)
+@given(conv_shapes, st.integers(0, 2**31 - 1))
+def test_conv2d_as_matmul_matches_conv2d_and_its_gradients(shape, seed):
+    batch, c_in, c_out, kernel, stride, padding, height, width, bias, channels_last = shape
+    params = nn.conv2d_init(generator(seed), c_in, c_out, kernel, bias=bias)
+    x = torch.randn(batch, c_in, height, width, generator=generator(seed))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    direct = lambda p, x: nn.conv2d(p, x, stride, padding)  # noqa: E731
+    as_matmul = lambda p, x: nn.conv2d_as_matmul(p, x, stride, padding)  # noqa: E731
+    torch.testing.assert_close(as_matmul(params, x), direct(params, x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss_gradients(as_matmul, params, x), loss_gradients(direct, params, x),
+                               rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(conv_shapes, st.integers(0, 2**31 - 1))
+def test_conv_transpose2d_as_matmul_matches_conv_transpose2d_and_its_gradients(shape, seed):
+    batch, c_in, c_out, kernel, stride, padding, height, width, bias, channels_last = shape
+    params = nn.conv_transpose2d_init(generator(seed), c_in, c_out, kernel, bias=bias)
+    x = torch.randn(batch, c_in, height, width, generator=generator(seed))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    direct = lambda p, x: nn.conv_transpose2d(p, x, stride, padding)  # noqa: E731
+    as_matmul = lambda p, x: nn.conv_transpose2d_as_matmul(p, x, stride, padding)  # noqa: E731
+    torch.testing.assert_close(as_matmul(params, x), direct(params, x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss_gradients(as_matmul, params, x), loss_gradients(direct, params, x),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_matmul_forms_have_the_direct_layers_second_derivatives():
+    """WGAN-GP's penalty differentiates ‖∇ₓ critic‖ with respect to the params: a double backward."""
+    conv = nn.conv2d_init(generator(1), 2, 4, 4)
+    deconv = nn.conv_transpose2d_init(generator(2), 4, 2, 4)
+    x = torch.randn(3, 2, 8, 8, generator=generator(3))
+
+    def penalty(conv_layer, deconv_layer):
+        def network(params, x):
+            h = torch.tanh(conv_layer(params["conv"], x, 2, 1))
+            return deconv_layer(params["deconv"], h, 2, 1).square().sum()
+        return lambda params: grad(network, argnums=1)(params, x).square().sum()
+
+    params = {"conv": conv, "deconv": deconv}
+    torch.testing.assert_close(
+        grad(penalty(nn.conv2d_as_matmul, nn.conv_transpose2d_as_matmul))(params),
+        grad(penalty(nn.conv2d, nn.conv_transpose2d))(params), rtol=1e-4, atol=1e-5)
+
+
+def test_map_linear_is_linear_over_the_flattened_map_in_either_layout():
+    params = nn.linear_init(generator(), 6 * 4 * 3, 2)
+    x = torch.randn(5, 6, 4, 3)
+    expected = nn.linear(params, x.flatten(1))
+    torch.testing.assert_close(nn.map_linear(params, x), expected)
+    torch.testing.assert_close(nn.map_linear(params, x.contiguous(memory_format=torch.channels_last)), expected)
+    torch.testing.assert_close(loss_gradients(nn.map_linear, params, x),
+                               loss_gradients(lambda p, x: nn.linear(p, x.flatten(1)), params, x))
 
 
 def test_batch_norm_matches_torch_in_training_and_eval():
