@@ -102,7 +102,10 @@ def train(config: Config, out: str | Path, resume: bool = False, show_progress: 
     step_fn = family.make_step(config, shape)
     if config.precision == "bf16":
         step_fn = autocast_step(step_fn, device)  # evaluation and sampling stay float32
+    layout = lambda x: x  # noqa: E731
     if config.compile:
+        layout = compilation.convolution_layout(state, device)  # channels-last convolutions on the CPU
+        state = layout(state)
         donating_step = compilation.compile_step(step_fn, device, donate=True)
 
         def step_fn(state, batch, inputs):  # the same (state, metrics) contract; `state` updated in place
@@ -126,7 +129,7 @@ def train(config: Config, out: str | Path, resume: bool = False, show_progress: 
             for step in range(start_step, total_steps):
                 interrupt.raise_if_requested()
                 epoch, index = divmod(step, steps_per_epoch)
-                batch = _batch(train_data, config, per_step, epoch, index)
+                batch = layout(_batch(train_data, config, per_step, epoch, index))
                 inputs = family.make_noise(config, shape, config.batch_size,
                                            rng.generator(config.seed, "noise", step))
                 inputs = {name: value.to(device) for name, value in inputs.items()}

@@ -1,11 +1,14 @@
-"""gen/compilation.py: the vector-ISA probe runs once per cache directory; steady() skips guards."""
+"""gen/compilation.py: the vector-ISA probe runs once per cache directory; steady() skips guards;
+convolution states go channels-last on the CPU."""
 
 import json
 
 import pytest
 import torch
 
-from gen import compilation
+from gen import compilation, models
+from gen.config import Config, resolve
+from gen.tree import flatten
 
 
 def spy_on_probes(monkeypatch) -> list[bool]:
@@ -66,3 +69,24 @@ def test_steady_runs_the_one_graph_and_refuses_to_recompile():
     assert len(graphs) == 1
     double(torch.ones(4))  # outside steady(): another shape compiles another graph
     assert len(graphs) == 2
+
+
+def test_convolution_layout_is_channels_last_on_the_cpu_for_convolution_states_only():
+    def initial_state(model):
+        family = models.get(model)
+        return family.init(resolve(Config(model=model), family.defaults), (1, 28, 28), 0)
+
+    conv_state = initial_state("conv-vae")
+    layout = compilation.convolution_layout(conv_state, "cpu")
+    laid_out = layout(conv_state)
+    for name, value in flatten(laid_out).items():
+        original = flatten(conv_state)[name]
+        assert torch.equal(value, original) and value.shape == original.shape
+        assert value.is_contiguous(memory_format=torch.channels_last if value.ndim == 4 else torch.contiguous_format)
+    assert any(value.ndim == 4 and not value.is_contiguous() for value in flatten(laid_out).values())
+    batch = torch.rand(8, 3, 28, 28)
+    assert layout(batch).is_contiguous(memory_format=torch.channels_last) and torch.equal(layout(batch), batch)
+
+    mlp_state = initial_state("vae")
+    assert compilation.convolution_layout(mlp_state, "cpu")(batch) is batch   # no convolutions: as it was
+    assert compilation.convolution_layout(conv_state, "cuda")(batch) is batch  # CUDA keeps its own layout

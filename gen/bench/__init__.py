@@ -45,7 +45,7 @@ from gen.bench.compile_time import compile_probe, compile_seconds
 from gen.bench.harness import ROW_FIELDS, available_models, available_modes, main, plan, print_table, run, \
     speedups, time_group
 from gen.bench.machine import keep_freed_memory, machine, matmul_peak_gflops, time_mode
-from gen.bench.modes import CHANNELS_LAST, CUDA_MODES, MODELS, MODES, PEERS_DIR, \
-    channels_last, cudagraph_runner, flops_per_step, load_peers, make_runner, model_config, \
+from gen.bench.modes import CUDA_MODES, MODELS, MODES, PEERS_DIR, \
+    cudagraph_runner, flops_per_step, load_peers, make_runner, model_config, \
     synthetic_inputs
 from gen.device import autocast_step, resolve_device

@@ -9,10 +9,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from gen import models
-from gen.compilation import compile_step, steady
+from gen.compilation import compile_step, convolution_layout, steady
 from gen.config import Config, resolve
 from gen.device import autocast_step
-from gen.tree import Tree, leaves, to_device, tree_map
+from gen.tree import Tree, leaves, to_device
 
 # bench name -> (gen family, example shape, batch sizes timed by default)
 MODELS = {
@@ -26,7 +26,6 @@ MODES = ("compiled", "undonated", "eager", "module")  # the default set
 EXTRA_MODES = ("compiled-bf16", "compiled-ro")  # asked for by name
 CUDA_MODES = ("compiled-ro",)  # skipped with a note on CPU
 DONATED_MODES = ("compiled", "compiled-bf16")  # run as gen train runs its step: donated, guards skipped once warm
-CHANNELS_LAST = ("conv-vae", "dcgan")  # conv models whose compiled step gets channels-last weights and images
 POOL = 4  # distinct batches/noise draws cycled through, so no step sees the very same tensors twice in a row
 PEERS_DIR = Path(__file__).resolve().parents[2] / "bench"
 
@@ -137,15 +136,11 @@ def make_runner(mode: str, model: str, config: Config, shape: tuple, device: tor
             step = compile_step(step, device, donate=mode in DONATED_MODES,
                                 mode="reduce-overhead" if mode == "compiled-ro" else None)
     pool = synthetic_inputs(family, config, shape, device, seed, models_stacked=members)
-    if is_compiled(mode) and not members and model in CHANNELS_LAST and device.type == "cpu":
-        # Inductor runs CPU convolutions channels-last (oneDNN's preferred layout) and otherwise
-        # converts every NCHW weight and image on each call; handing it channels-last tensors
-        # removes those copies (dcgan b64: about 8% faster here). The updated weights come back
-        # channels-last too, so the layout, and the graph, stay the same from step to step.
-        # CPU only: on CUDA the updated weights came back in another layout than the one the
-        # graph was compiled for, and Inductor's stride assertion failed on the next call.
-        state = tree_map(channels_last, state)
-        pool = [(channels_last(batch), inputs) for batch, inputs in pool]
+    if is_compiled(mode) and not members:
+        # Channels-last convolutions on the CPU, as gen train lays them out (gen.compilation, 6.).
+        layout = convolution_layout(state, device)
+        state = layout(state)
+        pool = [(layout(batch), inputs) for batch, inputs in pool]
     if mode == "compiled-ro":
         return cudagraph_runner(step, state, pool)
     if mode in DONATED_MODES:
@@ -203,7 +198,3 @@ def cudagraph_runner(step: Callable, state: Tree, pool: list) -> Callable[[int],
             torch._foreach_copy_(buffers, leaves(new_state))
     return advance
 
-
-def channels_last(t: torch.Tensor) -> torch.Tensor:
-    """4-D tensors (conv weights, image batches) in channels-last memory order; others unchanged."""
-    return t.contiguous(memory_format=torch.channels_last) if t.ndim == 4 else t
