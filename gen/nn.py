@@ -108,8 +108,8 @@ def conv_transpose2d_as_matmul(params: Params, x: Tensor, stride: int = 1, paddi
     width = (x.shape[3] - 1) * stride - 2 * padding + kernel[1]
     cols = x.flatten(2).transpose(1, 2) @ weight.flatten(1)              # (B, H·W, out·k·k)
     y = F.fold(cols.transpose(1, 2), (height, width), kernel, padding=padding, stride=stride)
-    if "bias" in params:
-        y = y + params["bias"].reshape(1, -1, 1, 1)
+    if "bias" in params:  # in y's dtype: under bf16 autocast a float32 bias would promote the output
+        y = y + params["bias"].to(y.dtype).reshape(1, -1, 1, 1)
     return y
 
 
@@ -121,7 +121,7 @@ def map_linear(params: Params, h: Tensor) -> Tensor:
     CPU. Worth it for a few outputs (a critic's score); for many (a VAE's 256 hidden units) oneDNN
     converts the big weight to its own layout on every call and the plain linear is faster.
     """
-    weight = params["weight"].reshape(-1, *h.shape[1:])                  # (out, C, H, W)
+    weight = params["weight"].reshape(params["weight"].shape[0], *h.shape[1:])  # (out, C, H, W)
     return F.conv2d(h, weight, params.get("bias")).flatten(1)
 
 

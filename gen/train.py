@@ -102,11 +102,9 @@ def train(config: Config, out: str | Path, resume: bool = False, show_progress: 
     step_fn = family.make_step(config, shape)
     if config.precision == "bf16":
         step_fn = autocast_step(step_fn, device)  # evaluation and sampling stay float32
-    layout = lambda x: x  # noqa: E731
-    if config.compile:
-        layout = compilation.convolution_layout(state, device)  # channels-last convolutions on the CPU
-        state = layout(state)
-        donating_step = compilation.compile_step(step_fn, device, donate=True)
+    layout = compilation.unchanged
+    if config.compile:  # (on the CPU, convolution states and image batches go channels-last)
+        donating_step, state, layout = compilation.compile_for_training(step_fn, state, device, donate=True)
 
         def step_fn(state, batch, inputs):  # the same (state, metrics) contract; `state` updated in place
             return state, donating_step(state, batch, inputs)

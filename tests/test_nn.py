@@ -1,5 +1,6 @@
 """Each pure layer against torch.nn at the same weights (through functional_call)."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -51,18 +52,13 @@ def test_conv2d_and_conv_transpose2d_match_torch():
     assert params["weight"].abs().max() <= 1 / (5 * 16) ** 0.5
 
 
-conv_shapes = st.tuples(
-    st.integers(1, 3),   # batch
-    st.integers(1, 4),   # in channels
-    st.integers(1, 5),   # out channels
-    st.integers(1, 4),   # kernel
-    st.integers(1, 3),   # stride
-    st.integers(0, 2),   # padding
-    st.integers(4, 9),   # height
-    st.integers(4, 9),   # width
-    st.booleans(),       # bias
-    st.booleans(),       # channels-last input
-).filter(lambda s: s[5] < s[3])  # torch's transposed conv needs padding < kernel
+conv_cases = st.fixed_dictionaries({
+    "batch": st.integers(1, 3), "c_in": st.integers(1, 4), "c_out": st.integers(1, 5),
+    "kernel": st.tuples(st.integers(1, 4), st.integers(1, 4)), "stride": st.integers(1, 3),
+    "padding": st.integers(0, 2), "size": st.tuples(st.integers(4, 9), st.integers(4, 9)),
+    "bias": st.booleans(), "channels_last": st.booleans(), "transposed": st.booleans(),
+}).filter(lambda c: not c["transposed"] or all(  # a transposed conv's output must have a pixel
+    (n - 1) * c["stride"] - 2 * c["padding"] + k >= 1 for n, k in zip(c["size"], c["kernel"])))
 
 
 def loss_gradients(layer, params, x):
@@ -70,34 +66,46 @@ def loss_gradients(layer, params, x):
     return grad(lambda p, x: layer(p, x).square().sum(), argnums=(0, 1))(params, x)
 
 
-@settings(max_examples=40, deadline=None)
-@given(conv_shapes, st.integers(0, 2**31 - 1))
-def test_conv2d_as_matmul_matches_conv2d_and_its_gradients(shape, seed):
-    batch, c_in, c_out, kernel, stride, padding, height, width, bias, channels_last = shape
-    params = nn.conv2d_init(generator(seed), c_in, c_out, kernel, bias=bias)
-    x = torch.randn(batch, c_in, height, width, generator=generator(seed))
-    if channels_last:
+@settings(max_examples=80, deadline=None)
+@given(conv_cases, st.integers(0, 2**31 - 1))
+def test_convolutions_as_matmuls_match_the_direct_layers_and_their_gradients(case, seed):
+    """Non-square kernels, any stride and padding, either input layout."""
+    random = generator(seed)
+    shape = (case["c_in"], case["c_out"]) if case["transposed"] else (case["c_out"], case["c_in"])
+    params = {"weight": torch.randn(*shape, *case["kernel"], generator=random)}
+    if case["bias"]:
+        params["bias"] = torch.randn(case["c_out"], generator=random)
+    x = torch.randn(case["batch"], case["c_in"], *case["size"], generator=random)
+    if case["channels_last"]:
         x = x.contiguous(memory_format=torch.channels_last)
-    direct = lambda p, x: nn.conv2d(p, x, stride, padding)  # noqa: E731
-    as_matmul = lambda p, x: nn.conv2d_as_matmul(p, x, stride, padding)  # noqa: E731
+    stride, padding = case["stride"], case["padding"]
+    if case["transposed"]:
+        direct = lambda p, x: nn.conv_transpose2d(p, x, stride, padding)  # noqa: E731
+        as_matmul = lambda p, x: nn.conv_transpose2d_as_matmul(p, x, stride, padding)  # noqa: E731
+    else:
+        direct = lambda p, x: nn.conv2d(p, x, stride, padding)  # noqa: E731
+        as_matmul = lambda p, x: nn.conv2d_as_matmul(p, x, stride, padding)  # noqa: E731
     torch.testing.assert_close(as_matmul(params, x), direct(params, x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss_gradients(as_matmul, params, x), loss_gradients(direct, params, x),
                                rtol=1e-4, atol=1e-4)
 
 
-@settings(max_examples=40, deadline=None)
-@given(conv_shapes, st.integers(0, 2**31 - 1))
-def test_conv_transpose2d_as_matmul_matches_conv_transpose2d_and_its_gradients(shape, seed):
-    batch, c_in, c_out, kernel, stride, padding, height, width, bias, channels_last = shape
-    params = nn.conv_transpose2d_init(generator(seed), c_in, c_out, kernel, bias=bias)
-    x = torch.randn(batch, c_in, height, width, generator=generator(seed))
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    direct = lambda p, x: nn.conv_transpose2d(p, x, stride, padding)  # noqa: E731
-    as_matmul = lambda p, x: nn.conv_transpose2d_as_matmul(p, x, stride, padding)  # noqa: E731
-    torch.testing.assert_close(as_matmul(params, x), direct(params, x), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(loss_gradients(as_matmul, params, x), loss_gradients(direct, params, x),
-                               rtol=1e-4, atol=1e-4)
+def test_conv2d_as_matmul_returns_channels_last_for_the_next_convolution():
+    params = nn.conv2d_init(generator(), 1, 8, 4)
+    y = nn.conv2d_as_matmul(params, torch.randn(2, 1, 28, 28), stride=2, padding=1)
+    assert y.shape == (2, 8, 14, 14) and y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_matmul_forms_keep_the_autocast_dtype():
+    """Under bf16 autocast the matmul forms return bf16 like the direct layers, to bf16's precision."""
+    conv, deconv = nn.conv2d_init(generator(1), 1, 8, 4), nn.conv_transpose2d_init(generator(2), 8, 1, 4)
+    x, h = torch.randn(4, 1, 16, 16, generator=generator(3)), torch.randn(4, 8, 8, 8, generator=generator(4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pairs = [(nn.conv2d_as_matmul(conv, x, 2, 1), nn.conv2d(conv, x, 2, 1)),
+                 (nn.conv_transpose2d_as_matmul(deconv, h, 2, 1), nn.conv_transpose2d(deconv, h, 2, 1))]
+    for as_matmul, direct in pairs:
+        assert as_matmul.dtype == direct.dtype == torch.bfloat16
+        torch.testing.assert_close(as_matmul.float(), direct.float(), rtol=0.05, atol=0.05)
 
 
 def test_matmul_forms_have_the_direct_layers_second_derivatives():
@@ -122,6 +130,8 @@ def test_map_linear_is_linear_over_the_flattened_map_in_either_layout():
     params = nn.linear_init(generator(), 6 * 4 * 3, 2)
     x = torch.randn(5, 6, 4, 3)
     expected = nn.linear(params, x.flatten(1))
+    with pytest.raises(RuntimeError):  # a map of another size is refused, not silently reshaped
+        nn.map_linear(nn.linear_init(generator(), 2 * 6 * 4 * 3, 1, bias=False), x)
     torch.testing.assert_close(nn.map_linear(params, x), expected)
     torch.testing.assert_close(nn.map_linear(params, x.contiguous(memory_format=torch.channels_last)), expected)
     torch.testing.assert_close(loss_gradients(nn.map_linear, params, x),

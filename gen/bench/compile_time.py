@@ -13,7 +13,7 @@ import torch
 
 from gen.device import resolve_device, synchronize
 from gen.bench.modes import model_config, synthetic_inputs
-from gen.compilation import compile_step
+from gen.compilation import compile_for_training
 from gen.tree import to_device
 
 
@@ -24,8 +24,9 @@ def compile_probe(model: str, batch_size: int, device: str) -> float:
     state = to_device(family.init(config, shape, 0), device)
     (batch, inputs), = synthetic_inputs(family, config, shape, device)[:1]
     start = time.perf_counter()
-    step = compile_step(family.make_step(config, shape), device, donate=True)  # as gen train compiles it
-    step(state, batch, inputs)
+    step, state, layout = compile_for_training(family.make_step(config, shape), state, device,
+                                               donate=True)  # as gen train compiles it
+    step(state, layout(batch), inputs)
     synchronize(device)
     return time.perf_counter() - start
 

@@ -9,7 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from gen import models
-from gen.compilation import compile_step, convolution_layout, steady
+from gen.compilation import compile_for_training, compile_step, steady, unchanged
 from gen.config import Config, resolve
 from gen.device import autocast_step
 from gen.tree import Tree, leaves, to_device
@@ -124,6 +124,7 @@ def make_runner(mode: str, model: str, config: Config, shape: tuple, device: tor
 
     step = family.make_step(config, shape)
     members = int(mode.split("-")[1]) if mode.startswith("vmap-") else 0
+    layout = unchanged
     if members:
         state = stack_states([to_device(family.init(config, shape, seed + i), device) for i in range(members)])
         step = compile_step(torch.func.vmap(step), device)
@@ -132,15 +133,13 @@ def make_runner(mode: str, model: str, config: Config, shape: tuple, device: tor
         if mode == "compiled-bf16":
             step = autocast_step(step, device)
         if is_compiled(mode):
-            # "compiled" returns only the metrics and overwrites `state` in place (gen.optim.donate)
-            step = compile_step(step, device, donate=mode in DONATED_MODES,
-                                mode="reduce-overhead" if mode == "compiled-ro" else None)
+            # "compiled" returns only the metrics and overwrites `state` in place (gen.optim.donate);
+            # on the CPU the state and batches are laid out as gen train lays them out (channels-last
+            # convolutions, gen.compilation 6.)
+            step, state, layout = compile_for_training(step, state, device, donate=mode in DONATED_MODES,
+                                                       mode="reduce-overhead" if mode == "compiled-ro" else None)
     pool = synthetic_inputs(family, config, shape, device, seed, models_stacked=members)
-    if is_compiled(mode) and not members:
-        # Channels-last convolutions on the CPU, as gen train lays them out (gen.compilation, 6.).
-        layout = convolution_layout(state, device)
-        state = layout(state)
-        pool = [(layout(batch), inputs) for batch, inputs in pool]
+    pool = [(layout(batch), inputs) for batch, inputs in pool]
     if mode == "compiled-ro":
         return cudagraph_runner(step, state, pool)
     if mode in DONATED_MODES:
