@@ -33,6 +33,10 @@ Six choices, each measured on the 2-core CPU of bench/README.md:
    compile cache, and later processes take the CPU's flags for it (Inductor's
    own `cpp.vec_isa_ok` switch) when they agree with the record. The switch is
    passed with every compile, probed or not, because it is part of the cache key.
+   The switch does not cover AVX-512's bf16 and VNNI checks, which loaded their
+   test libraries in three child processes regardless (0.2 s of every warm
+   start); with a record those loads are skipped too (`vector_isas`). WGAN-GP
+   b256 warm compile, four probes each, alternating: 4.37-4.93 -> 4.25-4.62 s.
 5. A C++ wrapper on the CPU (`cpp_wrapper`): the code that calls a compiled
    step's kernels and matmuls one after another is compiled C++ instead of
    Python. VAE b128: about 0.25 ms (6%) less a step; gan-2d's cold compile
@@ -70,9 +74,10 @@ compile went from 5.9-6.7 to 4.9-5.4 s, cold from 29 to 26 s (interleaved probes
 """
 
 import json
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Iterator
+from unittest import mock
 
 import torch
 
@@ -175,9 +180,27 @@ def trusted_vector_isa(cache_dir: str | Path | None = None) -> list[str]:
 
 
 def vector_isas(probe: bool) -> list[str]:
-    """Inductor's list of usable SIMD sets: from the CPU's flags alone, or, with `probe`, also
-    built and loaded as test libraries. Its cached list is replaced by this answer."""
+    """Inductor's list of usable SIMD sets, each with the extensions it found ("avx512+avx512_bf16"):
+    from the CPU's flags alone, or, with `probe`, also built and loaded as test libraries. Its
+    cached list, and each set's cached verdict, are replaced by this answer.
+
+    Without `probe` no library is loaded: `cpp.vec_isa_ok` skips the load of each set's test
+    library, but AVX-512's bf16 and VNNI checks load theirs regardless (three child processes,
+    0.2 s of every warm start here), so their load is taken as done too. Their test libraries
+    are still built (from the compile cache once a probe has built them), so a compiler that
+    cannot build an extension still drops it."""
     from torch._inductor import config, cpu_vec_isa
     cpu_vec_isa.valid_vec_isa_list.cache_clear()
-    with config.patch({"cpp.vec_isa_ok": None if probe else True}):
-        return [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]
+    for isa in cpu_vec_isa.supported_vec_isa_list:  # the extensions' verdicts are cached per set
+        for cls in type(isa).__mro__:
+            getattr(vars(cls).get("__bool__"), "cache_clear", lambda: None)()
+    loads = nullcontext() if probe else mock.patch.object(cpu_vec_isa.VecISA, "_probe_load", lambda self, path: True)
+    with config.patch({"cpp.vec_isa_ok": None if probe else True}), loads:
+        return [isa_name(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]
+
+
+def isa_name(isa) -> str:
+    """"avx512", with "+avx512_bf16" and the like for each extension Inductor found usable."""
+    extensions = sorted(name[len("_is_"):-len("_supported")] for name, value in vars(isa).items()
+                        if name.startswith("_is_") and name.endswith("_supported") and value)
+    return "+".join([str(isa), *extensions])

@@ -41,6 +41,23 @@ def test_vector_isa_probe_runs_once_per_cache_directory(tmp_path, monkeypatch):
     assert json.loads((tmp_path / compilation.VECTOR_ISA_RECORD).read_text())["torch"] == torch.__version__
 
 
+def test_a_recorded_verdict_loads_no_test_library(tmp_path, monkeypatch):
+    """With a matching record nothing is loaded in a child process, AVX-512's bf16 and VNNI
+    checks included (they loaded theirs even under cpp.vec_isa_ok: 0.2 s of every warm start)."""
+    from torch._inductor import cpu_vec_isa
+
+    first = compilation.trusted_vector_isa(tmp_path)  # probed and recorded
+    loads, real_load = [], cpu_vec_isa.VecISA._probe_load
+
+    def counted_load(isa, path):
+        loads.append(path)
+        return real_load(isa, path)
+    monkeypatch.setattr(cpu_vec_isa.VecISA, "_probe_load", counted_load)
+    assert compilation.trusted_vector_isa(tmp_path) == first
+    assert loads == []
+    assert compilation.vector_isas(probe=True) == first and loads  # a probe does load them
+
+
 def test_a_disagreeing_probe_is_not_recorded_and_wins(tmp_path, monkeypatch):
     """A CPU flag the compiler cannot build for (the probe drops it) must never be trusted."""
     def vector_isas(probe):
