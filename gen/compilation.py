@@ -159,14 +159,16 @@ def trusted_vector_isa(cache_dir: str | Path | None = None) -> list[str]:
     from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir
 
     record_path = Path(cache_dir or inductor_cache_dir()) / VECTOR_ISA_RECORD
-    claimed = vector_isas(probe=False)
     identity = {"torch": torch.__version__, "cpu_flags": sorted(cpu_vec_isa.x86_isa_checker())}
     try:
         record = json.loads(record_path.read_text())
     except (OSError, ValueError):
         record = None
-    if record == {**identity, "isas": claimed}:
-        return claimed
+    if isinstance(record, dict) and {key: record.get(key) for key in identity} == identity:
+        claimed = vector_isas(probe=False, trust_loads=True)
+        if record.get("isas") == claimed:
+            return claimed
+    claimed = vector_isas(probe=False)
     probed = vector_isas(probe=True)
     if probed == claimed:
         try:
@@ -179,22 +181,26 @@ def trusted_vector_isa(cache_dir: str | Path | None = None) -> list[str]:
     return probed
 
 
-def vector_isas(probe: bool) -> list[str]:
+def vector_isas(probe: bool, trust_loads: bool = False) -> list[str]:
     """Inductor's list of usable SIMD sets, each with the extensions it found ("avx512+avx512_bf16"):
     from the CPU's flags alone, or, with `probe`, also built and loaded as test libraries. Its
-    cached list, and each set's cached verdict, are replaced by this answer.
+    cached list is replaced by this answer.
 
-    Without `probe` no library is loaded: `cpp.vec_isa_ok` skips the load of each set's test
-    library, but AVX-512's bf16 and VNNI checks load theirs regardless (three child processes,
-    0.2 s of every warm start here), so their load is taken as done too. Their test libraries
-    are still built (from the compile cache once a probe has built them), so a compiler that
-    cannot build an extension still drops it."""
+    `cpp.vec_isa_ok` (the flags alone) skips the load of each set's test library, but not those
+    of AVX-512's bf16 and VNNI checks: three child processes, 0.2 s of every warm start here.
+    With `trust_loads` (for a cache directory whose record says they loaded before) those loads
+    are taken as done; the libraries are still built (from the compile cache), so a compiler that
+    cannot build an extension still drops it. The extensions' verdicts are cached per set, so
+    they are redone here, except by a probe, which reuses the ones just made (the same libraries,
+    loaded) as Inductor's own sequence does."""
     from torch._inductor import config, cpu_vec_isa
     cpu_vec_isa.valid_vec_isa_list.cache_clear()
-    for isa in cpu_vec_isa.supported_vec_isa_list:  # the extensions' verdicts are cached per set
-        for cls in type(isa).__mro__:
-            getattr(vars(cls).get("__bool__"), "cache_clear", lambda: None)()
-    loads = nullcontext() if probe else mock.patch.object(cpu_vec_isa.VecISA, "_probe_load", lambda self, path: True)
+    if not probe:
+        for isa in cpu_vec_isa.supported_vec_isa_list:
+            for cls in type(isa).__mro__:
+                getattr(vars(cls).get("__bool__"), "cache_clear", lambda: None)()
+    loads = mock.patch.object(cpu_vec_isa.VecISA, "_probe_load", lambda self, path: True) if trust_loads \
+        else nullcontext()
     with config.patch({"cpp.vec_isa_ok": None if probe else True}), loads:
         return [isa_name(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]
 
