@@ -54,14 +54,14 @@ Six choices, each measured on the 2-core CPU of bench/README.md:
 6. Channels-last on the CPU (`convolution_layout`): Inductor runs CPU convolutions
    channels-last (oneDNN's preferred layout) and otherwise converts every NCHW
    weight and image on each call. A state with convolution weights is handed to
-   the compiled step channels-last, and so is each image batch; the donated
+   the compiled step channels-last, and so is each 4-D image batch; the donated
    update writes the new weights back in the same layout, so the graph stays
    the same from step to step. DCGAN b64, interleaved in one process: 1.24x ->
    1.35x the module peer; the conv VAE within noise. WGAN-GP and SNGAN on
    digits, 40 steps: the compiled channels-last run's metrics matched eager's
-   to 5-6 digits. CPU only: on CUDA the
-   updated weights came back in another layout than the one the graph was
-   compiled for, and Inductor's stride assertion failed on the next call.
+   to 5-6 digits. CPU only: on CUDA the updated weights came back in another
+   layout than the one the graph was compiled for, and Inductor's stride
+   assertion failed on the next call.
 
 What the step's own code avoids, because Dynamo re-traces its Python in every
 new process, warm compile cache or not: einops and torch.utils._pytree. Dynamo
