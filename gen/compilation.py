@@ -196,13 +196,20 @@ def vector_isas(probe: bool, trust_loads: bool = False) -> list[str]:
     from torch._inductor import config, cpu_vec_isa
     cpu_vec_isa.valid_vec_isa_list.cache_clear()
     if not probe:
-        for isa in cpu_vec_isa.supported_vec_isa_list:
-            for cls in type(isa).__mro__:
-                getattr(vars(cls).get("__bool__"), "cache_clear", lambda: None)()
+        forget_extension_verdicts()
     loads = mock.patch.object(cpu_vec_isa.VecISA, "_probe_load", lambda self, path: True) if trust_loads \
         else nullcontext()
     with config.patch({"cpp.vec_isa_ok": None if probe else True}), loads:
         return [isa_name(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]
+
+
+def forget_extension_verdicts() -> None:
+    """Clear Inductor's per-set cache of extension verdicts (each set class's cached __bool__),
+    as a new process starts without them."""
+    from torch._inductor import cpu_vec_isa
+    for isa in cpu_vec_isa.supported_vec_isa_list:
+        for cls in type(isa).__mro__:
+            getattr(vars(cls).get("__bool__"), "cache_clear", lambda: None)()
 
 
 def isa_name(isa) -> str:

@@ -53,9 +53,7 @@ def test_a_recorded_verdict_loads_no_test_library(tmp_path, monkeypatch):
         loads.append(path)
         return real_load(isa, path)
     monkeypatch.setattr(cpu_vec_isa.VecISA, "_probe_load", counted_load)
-    for isa in cpu_vec_isa.supported_vec_isa_list:  # as in a new process: no verdict cached yet
-        for cls in type(isa).__mro__:
-            getattr(vars(cls).get("__bool__"), "cache_clear", lambda: None)()
+    compilation.forget_extension_verdicts()  # as in a new process: no verdict cached yet
     assert compilation.trusted_vector_isa(tmp_path) == first
     assert loads == []
     assert compilation.vector_isas(probe=False) == first  # without the record's trust ...
