@@ -13,6 +13,7 @@
 # $OUT/cuda.log; machine: $OUT/env.txt.
 set -u
 export COLUMNS=${COLUMNS:-160}   # rich tables in the log at full width
+export GEN_BENCH_TRACEBACKS=1    # a failing mode's traceback goes to the log too
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/cuda-out}
 TOTAL=${TOTAL:-225}

@@ -12,11 +12,11 @@ al. 2018: every weight divided by its spectral norm, no batch norm) or "none"
 (the WGAN-GP critic, whose per-example gradient penalty batch norm would
 couple across examples; Gulrajani et al. 2017, §4).
 
-The layers next to the image (D's first convolution, G's last transposed one,
-one image channel) and D's output layer are computed as matmuls
-(gen.nn.conv2d_as_matmul, conv_transpose2d_as_matmul, map_linear): the same
-layers with the same params, faster on the CPU than oneDNN's direct
-convolution with one channel (bench/README.md).
+On the CPU the layers next to the image (D's first convolution, G's last
+transposed one, one image channel) and D's output layer are computed as matmuls
+(gen.nn.image_conv2d, image_conv_transpose2d, map_linear): the same layers with
+the same params, faster there than oneDNN's direct convolution with one channel
+(bench/README.md). On CUDA they are cuDNN's convolutions and a plain linear.
 
 Every network here is `xxx_init(generator, ...) -> (params, state)` plus
 `xxx(params, state, x, training) -> (output, state)`: batch-norm running
@@ -78,7 +78,7 @@ def generator(params: Params, state: Params, z: Tensor, shape: tuple, training: 
     h = F.relu(h).unflatten(1, (2 * WIDTH, base, base))                          # (B, 128, H/4, W/4)
     h = nn.conv_transpose2d(take(params, "deconv1"), h, stride=2, padding=1)      # (B, 64, H/2, W/2)
     h, state = _batch_norm(params, state, "deconv1_norm", h, training)
-    h = nn.conv_transpose2d_as_matmul(take(params, "deconv2"), F.relu(h), stride=2, padding=1)  # (B, C, H, W)
+    h = nn.image_conv_transpose2d(take(params, "deconv2"), F.relu(h), stride=2, padding=1)  # (B, C, H, W)
     return torch.tanh(h), state
 
 
@@ -120,7 +120,7 @@ def spectral_weights(params: Params, state: Params, layer: str, training: bool) 
 def discriminator(params: Params, state: Params, x: Tensor, training: bool) -> tuple[Tensor, Params]:
     """Images (B, C, H, W) in [-1, 1] → logits (B,)."""
     conv1, state = spectral_weights(params, state, "conv1", training)
-    h = F.leaky_relu(nn.conv2d_as_matmul(conv1, x, stride=2, padding=1), 0.2)   # (B, 64, H/2, W/2)
+    h = F.leaky_relu(nn.image_conv2d(conv1, x, stride=2, padding=1), 0.2)   # (B, 64, H/2, W/2)
     conv2, state = spectral_weights(params, state, "conv2", training)
     h = nn.conv2d(conv2, h, stride=2, padding=1)                                  # (B, 128, H/4, W/4)
     if "conv2_norm.weight" in params:

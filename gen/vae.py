@@ -102,9 +102,9 @@ def conv_init(generator: torch.Generator, shape: tuple, hidden_dim: int, latent_
 
 
 def conv_encode(params: Params, x: Tensor) -> tuple[Tensor, Tensor]:
-    # The first convolution and the decoder's last (one image channel) as matmuls: faster on the CPU
-    # than oneDNN's direct convolution with one channel, same params (gen.nn, bench/README.md).
-    h = F.relu(nn.conv2d_as_matmul(take(params, "encoder.conv1"), x, stride=2, padding=1))  # (B, 32, H/2, W/2)
+    # The first convolution and the decoder's last (one image channel) as matmuls on the CPU: faster
+    # than oneDNN's direct convolution with one channel, same params (gen.nn.image_conv2d, bench/README.md).
+    h = F.relu(nn.image_conv2d(take(params, "encoder.conv1"), x, stride=2, padding=1))  # (B, 32, H/2, W/2)
     h = F.relu(nn.conv2d(take(params, "encoder.conv2"), h, stride=2, padding=1))   # (B, 64, H/4, W/4)
     h = F.relu(nn.linear(take(params, "encoder.hidden"), h.flatten(1)))
     return gaussian_heads(params, h)
@@ -116,7 +116,7 @@ def conv_decode(params: Params, z: Tensor, shape: tuple) -> Tensor:
     h = F.relu(nn.linear(take(params, "decoder.expand"), h))
     h = h.unflatten(1, (64, height // 4, width // 4))                               # (B, 64, H/4, W/4)
     h = F.relu(nn.conv_transpose2d(take(params, "decoder.deconv1"), h, stride=2, padding=1))
-    return nn.conv_transpose2d_as_matmul(take(params, "decoder.deconv2"), h, stride=2, padding=1)  # logits (B, C, H, W)
+    return nn.image_conv_transpose2d(take(params, "decoder.deconv2"), h, stride=2, padding=1)  # logits (B, C, H, W)
 
 
 # --- objectives ----------------------------------------------------------------------

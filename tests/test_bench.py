@@ -159,6 +159,35 @@ def test_a_failing_mode_becomes_an_error_row_and_the_run_goes_on(monkeypatch, ca
     assert "vae b16 eager: error: RuntimeError: CUDA error: out of memory" in capsys.readouterr().out
     bench.print_table(results)  # error rows print too
 
+    monkeypatch.setenv("GEN_BENCH_TRACEBACKS", "1")  # bench/cuda.sh: the whole traceback goes to the log
+    bench.run(["vae"], [16], 1, 1, "cpu", ["eager"], measure_compile=False)
+    logged = capsys.readouterr().out
+    assert "Traceback (most recent call last)" in logged and "more detail" in logged and "in flaky" in logged
+
+
+def doubled(x):
+    return 2 * x
+
+
+def test_a_run_compiles_the_same_function_more_times_than_dynamo_keeps_graphs(monkeypatch):
+    """Each group compiles the same Python functions again for new shapes, and Dynamo keeps at most
+    8 graphs per function: without a reset between groups the ninth compile of a run failed
+    (FailOnRecompileLimitHit, seen on CUDA at the fifth group). Ten groups, one compile each."""
+    shapes = iter(range(1, 11))
+
+    def compiling(mode, model, config, shape, device):
+        x = torch.ones(next(shapes))  # a new shape: a new graph of the same function
+        step = torch.compile(doubled, fullgraph=True, dynamic=False, backend="eager")
+
+        def advance(n):
+            for _ in range(n):
+                step(x)
+        return advance
+
+    monkeypatch.setattr(harness, "make_runner", compiling)
+    results = bench.run(["vae", "gan-2d"], [16, 17, 18, 19, 20], 1, 1, "cpu", ["eager"], measure_compile=False)
+    assert len(results) == 10 and [r["error"] for r in results] == [None] * 10
+
 
 def test_time_budget_stops_cleanly_and_writes_what_it_has(tmp_path):
     path = tmp_path / "bench.json"

@@ -1,5 +1,7 @@
 """Each pure layer against torch.nn at the same weights (through functional_call)."""
 
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -94,6 +96,28 @@ def test_conv2d_as_matmul_returns_channels_last_for_the_next_convolution():
     params = nn.conv2d_init(generator(), 1, 8, 4)
     y = nn.conv2d_as_matmul(params, torch.randn(2, 1, 28, 28), stride=2, padding=1)
     assert y.shape == (2, 8, 14, 14) and y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_image_layers_are_matmuls_on_the_cpu_and_the_library_layers_elsewhere():
+    """The matmul forms are a CPU measure; on CUDA the compiled DCGAN step failed with them (gen.nn.
+    image_conv2d), so every other device gets cuDNN's layers. The meta device stands in for CUDA."""
+    conv, deconv = nn.conv2d_init(generator(1), 1, 8, 4), nn.conv_transpose2d_init(generator(2), 8, 1, 4)
+    output = nn.linear_init(generator(3), 8 * 7 * 7, 1)
+    x, h, features = torch.randn(2, 1, 28, 28), torch.randn(2, 8, 14, 14), torch.randn(2, 8, 7, 7)
+    on_meta = lambda params: {k: v.to("meta") for k, v in params.items()}  # noqa: E731
+    for device, matmul_calls, library_calls in (("cpu", 1, 0), ("meta", 0, 1)):
+        move = (lambda t: t) if device == "cpu" else on_meta
+        with mock.patch.object(nn, "conv2d_as_matmul", wraps=nn.conv2d_as_matmul) as conv_matmul, \
+                mock.patch.object(nn, "conv_transpose2d_as_matmul", wraps=nn.conv_transpose2d_as_matmul) as deconv_matmul, \
+                mock.patch.object(nn, "conv2d", wraps=nn.conv2d) as conv_direct, \
+                mock.patch.object(nn, "conv_transpose2d", wraps=nn.conv_transpose2d) as deconv_direct, \
+                mock.patch.object(nn, "linear", wraps=nn.linear) as flat_linear:
+            assert nn.image_conv2d(move(conv), x.to(device), 2, 1).shape == (2, 8, 14, 14)
+            assert nn.image_conv_transpose2d(move(deconv), h.to(device), 2, 1).shape == (2, 1, 28, 28)
+            assert nn.map_linear(move(output), features.to(device)).shape == (2, 1)
+        assert (conv_matmul.call_count, deconv_matmul.call_count) == (matmul_calls, matmul_calls), device
+        assert (conv_direct.call_count, deconv_direct.call_count) == (library_calls, library_calls), device
+        assert flat_linear.call_count == library_calls, device
 
 
 def test_matmul_forms_keep_the_autocast_dtype():

@@ -2,7 +2,9 @@
 rounds, turn failures into error rows, print the table and write the JSON."""
 
 import json
+import os
 import time
+import traceback
 from pathlib import Path
 from statistics import median
 from typing import Callable
@@ -66,6 +68,16 @@ def plan(names: list[str] | None, batch_sizes: list[int] | None) -> list[tuple[s
             for b in own or batch_sizes or MODELS[model][2]]
 
 
+def report(log: Callable[[str], None], where: str, error: BaseException) -> str:
+    """Log a failure as one line and return that line; with GEN_BENCH_TRACEBACKS=1 in the environment
+    (bench/cuda.sh sets it: nobody can rerun that machine's failures) the traceback follows."""
+    line = describe(error)
+    log(f"{where}: error: {line}")
+    if os.environ.get("GEN_BENCH_TRACEBACKS") == "1":
+        log("".join(traceback.format_exception(error)).rstrip())
+    return line
+
+
 def describe(error: BaseException) -> str:
     """One line for a failed mode: the exception's type and the first line of its message."""
     lines = str(error).strip().splitlines()
@@ -86,7 +98,7 @@ ROW_FIELDS = ("model", "batch_size", "mode", "device", "batches_per_step", "mode
 
 
 def release(device: torch.device) -> None:
-    """After a failed or finished group: free what it held, so the next one starts clean."""
+    """After a failed mode or a finished group: free what it held, so the next one starts clean."""
     import gc
     gc.collect()
     if device.type == "cuda":
@@ -125,6 +137,11 @@ def run(models_: list[str] | None, batch_sizes: list[int] | None, steps: int, re
             continue
         results += time_group(model, batch_size, steps, repeats, device, modes, warmup, measure_compile,
                               log, out_of_time, sample_peak, peak_samples)
+        # Dynamo keeps compiled graphs per Python code object, at most 8 (recompile_limit), and every
+        # group compiles the same few functions again (gen.optim.donate's wrapper, each family's
+        # step) for new shapes: without a reset the ninth compile of a run fails (gan-2d, the fifth
+        # group of a bf16 run). The reset also drops the finished group's CUDA graphs.
+        torch._dynamo.reset()
         release(device)
         fill_peak(results, peak_samples)
         if on_group:
@@ -149,8 +166,8 @@ def time_group(model: str, batch_size: int, steps: int, repeats: int, device: to
         family, config, shape = model_config(model, batch_size)
         per_step = family.batches_per_step(config)
     except Exception as error:
-        log(f"{model} b{batch_size}: error: {describe(error)}")
-        return [error_row(model, batch_size, mode, device, describe(error)) for mode in modes]
+        line = report(log, f"{model} b{batch_size}", error)
+        return [error_row(model, batch_size, mode, device, line) for mode in modes]
     try:
         flops = flops_per_step(model, config, shape, batch_size)
     except Exception as error:  # the rows still get their samples/s
@@ -177,8 +194,7 @@ def time_group(model: str, batch_size: int, steps: int, repeats: int, device: to
             memory[mode] = peak_memory_mb(device)
             runners[mode] = runner
         except Exception as error:
-            errors[mode] = describe(error)
-            log(f"{model} b{batch_size} {mode}: error: {errors[mode]}")
+            errors[mode] = report(log, f"{model} b{batch_size} {mode}", error)
             release(device)
     built = [m for m in modes if m in runners]
     log(f"{model} b{batch_size}: {', '.join(built) or 'no mode'} built and warmed up; "
@@ -194,8 +210,7 @@ def time_group(model: str, batch_size: int, steps: int, repeats: int, device: to
             try:
                 seconds[mode].append(time_mode(runners[mode], steps, device))
             except Exception as error:
-                errors[mode] = describe(error)
-                log(f"{model} b{batch_size} {mode}: error while timing: {errors[mode]}")
+                errors[mode] = report(log, f"{model} b{batch_size} {mode} while timing", error)
         peak_samples.append(sample_peak())
     rows = []
     for mode in modes:
