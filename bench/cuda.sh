@@ -7,7 +7,7 @@
 # every model at GPU batch sizes (vae 128/4096, dcgan 64/512, conv-vae 128/1024,
 # gan-2d 256, wgan-gp 256), in priority order, no fresh-process compile probes
 # (first_call_s still shows each compile). Everything ends within TOTAL seconds
-# (default 225) plus a few for start-up: bench/cuda.py runs the harness with a
+# (default 330) plus a few for start-up: bench/cuda.py runs the harness with a
 # time budget, records failing modes as error rows, and restarts it on the
 # remaining groups if the process itself dies. Results: $OUT/cuda.json; log:
 # $OUT/cuda.log; machine: $OUT/env.txt.
@@ -16,8 +16,8 @@ export COLUMNS=${COLUMNS:-160}   # rich tables in the log at full width
 export GEN_BENCH_TRACEBACKS=1    # a failing mode's traceback goes to the log too
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/cuda-out}
-TOTAL=${TOTAL:-225}
-PYTHON=${PYTHON:-python}
+TOTAL=${TOTAL:-330}
+PYTHON=${PYTHON:-$(command -v python || command -v python3)}   # the GPU image has only python3
 DEVICE=${DEVICE:-cuda}           # DEVICE=cpu: a smoke test of this script (the CUDA modes are skipped)
 mkdir -p "$OUT"
 : > "$OUT/cuda.log"
