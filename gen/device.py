@@ -36,4 +36,7 @@ def autocast_step(step: Callable, device: torch.device) -> Callable:
             new_state, metrics = step(state, batch, inputs)
         # A mean of bfloat16 logits is bfloat16 (3 significant digits): log metrics as float32.
         return new_state, {name: value.float() for name, value in metrics.items()}
+    # The step's attributes come along, its compile options (`inductor_options`) among them:
+    # without them WGAN-GP's bf16 step failed to compile on the CPU.
+    step_bf16.__dict__.update(getattr(step, "__dict__", {}))
     return step_bf16

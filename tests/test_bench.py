@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from gen import bench, models
+from gen import bench, models, optim
 from gen.bench import harness
 from gen.tree import leaves, take
 
@@ -233,12 +233,74 @@ def test_autocast_and_cudagraph_runner_code_paths_on_cpu():
     assert all(value.dtype == torch.float32 for value in metrics.values())  # logged as float32
 
     buffers_state = family.init(config, shape, 0)
-    bench.cudagraph_runner(step, buffers_state, pool)(3)
+    advance = bench.cudagraph_runner(step, buffers_state, pool)
+    advance(3)
     expected = family.init(config, shape, 0)
     for index in range(3):
-        expected, _ = step(expected, *pool[index])
+        expected, expected_metrics = step(expected, *pool[index])
+        if index == 0:
+            first_metrics = expected_metrics
     for got, want in zip(leaves(buffers_state), leaves(expected)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(advance.first_step_metrics, first_metrics, rtol=0, atol=0)  # the first, not the last
+
+    wgan_family, wgan_config, wgan_shape = bench.model_config("wgan-gp", 8)
+    wgan_step = wgan_family.make_step(wgan_config, wgan_shape)
+    # Its compile options come through the bf16 wrapper (without them its bf16 step failed to compile).
+    assert bench.autocast_step(wgan_step, torch.device("cpu")).inductor_options == wgan_step.inductor_options
+
+
+def test_every_gen_runner_keeps_its_first_steps_metrics():
+    """The harness checks the compiled modes' first step against eager's (first_step_differences)."""
+    family, config, shape = bench.model_config("gan-2d", 8)
+    step = family.make_step(config, shape)
+    pool = bench.synthetic_inputs(family, config, shape, torch.device("cpu"))
+    _, expected = step(family.init(config, shape, 0), *pool[0])
+    eager = bench.make_runner("eager", "gan-2d", config, shape, torch.device("cpu"))
+    donated = bench.donated_runner(optim.donate(step), family.init(config, shape, 0), pool)  # uncompiled here
+    for advance in (eager, donated):
+        advance(1)
+        advance(2)
+        torch.testing.assert_close(advance.first_step_metrics, expected, rtol=0, atol=0)
+
+
+def test_first_step_differences_compare_each_mode_with_eager():
+    def runner(**metrics):
+        advance = lambda n: None  # noqa: E731
+        advance.first_step_metrics = {name: torch.tensor(value) for name, value in metrics.items()}
+        return advance
+
+    runners = {"eager": runner(loss=500.0, logit=0.01), "same": runner(loss=500.0, logit=0.01),
+               "relative": runner(loss=505.0, logit=0.01),      # 5 / 500
+               "absolute": runner(loss=500.0, logit=0.03),      # 0.02 / max(1, 0.01)
+               "nan": runner(loss=float("nan"), logit=0.01),
+               "stacked": runner(loss=[500.0, 400.0], logit=[0.01, 0.02]),  # vmap-N: not comparable
+               "module": lambda n: None}
+    differences = harness.first_step_differences(runners)
+    assert differences == pytest.approx({"same": 0.0, "relative": 0.01, "absolute": 0.02, "nan": float("inf")})
+    assert harness.first_step_differences({k: v for k, v in runners.items() if k != "eager"}) == {}
+
+
+def test_a_mode_whose_first_step_differs_from_eager_is_flagged(monkeypatch, capsys):
+    real = bench.make_runner
+
+    def off_by_one(mode, model, config, shape, device):
+        advance = real("eager", model, config, shape, device)  # both modes run the eager step
+        if mode == "eager":
+            return advance
+
+        def perturbed(n):
+            advance(n)
+            advance.first_step_metrics["loss"] += 1.0  # the first loss is a few hundred nats: 1e-3 to 1e-2 off
+        perturbed.first_step_metrics = advance.first_step_metrics
+        return perturbed
+
+    monkeypatch.setattr(harness, "make_runner", off_by_one)
+    rows = bench.run(["vae"], [16], 1, 1, "cpu", ["eager", "undonated"], measure_compile=False)
+    by_mode = {r["mode"]: r for r in rows}
+    assert by_mode["eager"]["first_step_vs_eager"] is None
+    assert 1e-3 < by_mode["undonated"]["first_step_vs_eager"] < 1e-2
+    assert "vae b16 undonated: warning: its first step's metrics differ from eager's" in capsys.readouterr().out
 
 
 CRASHING_HARNESS = '''

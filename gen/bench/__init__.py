@@ -19,6 +19,8 @@ then time, synchronising the device).
 
 A mode or model that raises is recorded as a row with an `error` field and
 the run goes on; `time_budget` stops a run cleanly, keeping what it has.
+Every gen mode starts from the same state and batch, so each compiled mode's
+first-step metrics are checked against eager's (`first_step_vs_eager`).
 
 Data and noise are synthetic, drawn once onto the device as tensors (a small
 pool cycled through), so the numbers measure the step and nothing else; the
@@ -46,6 +48,6 @@ from gen.bench.harness import ROW_FIELDS, available_models, available_modes, mai
     speedups, time_group
 from gen.bench.machine import keep_freed_memory, machine, matmul_peak_gflops, time_mode
 from gen.bench.modes import CUDA_MODES, MODELS, MODES, PEERS_DIR, \
-    cudagraph_runner, flops_per_step, load_peers, make_runner, model_config, \
+    cudagraph_runner, donated_runner, flops_per_step, load_peers, make_runner, model_config, \
     synthetic_inputs
 from gen.device import autocast_step, resolve_device

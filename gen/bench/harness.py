@@ -94,7 +94,39 @@ def error_row(model: str, batch_size: int, mode: str, device: torch.device, erro
 ROW_FIELDS = ("model", "batch_size", "mode", "device", "batches_per_step", "models", "steps", "repeats",
               "samples_per_s", "samples_per_s_min", "samples_per_s_max", "ms_per_step", "gflop_per_step",
               "gflops", "pct_of_peak", "peak_gflops", "first_call_s", "cold_compile_s", "warm_compile_s",
-              "peak_memory_mb", "peak_memory_kind", "round_seconds", "paired_vs_module", "error")
+              "peak_memory_mb", "peak_memory_kind", "round_seconds", "paired_vs_module", "first_step_vs_eager",
+              "error")
+# How far a mode's first-step metrics may be from eager's before the log warns (first_step_differences).
+FIRST_STEP_TOLERANCE = {"compiled-bf16": 5e-2}
+FIRST_STEP_DEFAULT_TOLERANCE = 1e-3
+
+
+def first_step_differences(runners: dict[str, Callable]) -> dict[str, float]:
+    """How far each gen mode's first step is from eager's: every gen mode starts from the same
+    state and batch, so their first-step metrics (losses, means of logits, ...) should agree to
+    rounding (bf16: to bf16's precision). Per mode, the largest over the metrics of
+
+        |m − m_eager| / max(1, |m_eager|)
+
+    (relative for large values such as a VAE's summed loss, absolute near zero); inf if a metric
+    is not finite. Modes whose metrics differ in name or shape from eager's (vmap-N, the module
+    peer) are left out, and nothing is compared without an eager mode."""
+    reference = getattr(runners.get("eager"), "first_step_metrics", None)
+    if not reference:
+        return {}
+    differences = {}
+    for mode, runner in runners.items():
+        metrics = getattr(runner, "first_step_metrics", None)
+        if mode == "eager" or not metrics or metrics.keys() != reference.keys() or \
+                any(metrics[k].shape != reference[k].shape for k in reference):
+            continue
+        largest = 0.0
+        for name, expected in reference.items():
+            expected, got = expected.double().cpu(), metrics[name].double().cpu()
+            difference = float(((got - expected).abs() / expected.abs().clamp(min=1)).max())
+            largest = max(largest, difference if difference == difference else float("inf"))  # NaN → inf
+        differences[mode] = largest
+    return differences
 
 
 def release(device: torch.device) -> None:
@@ -197,6 +229,13 @@ def time_group(model: str, batch_size: int, steps: int, repeats: int, device: to
             errors[mode] = report(log, f"{model} b{batch_size} {mode}", error)
             release(device)
     built = [m for m in modes if m in runners]
+    differences = first_step_differences(runners)
+    if differences:
+        log(f"{model} b{batch_size}: first step against eager's, largest |m - m_eager| / max(1, |m_eager|) over "
+            "the metrics: " + ", ".join(f"{mode} {value:.1e}" for mode, value in differences.items()))
+    for mode, value in differences.items():
+        if not value <= FIRST_STEP_TOLERANCE.get(mode, FIRST_STEP_DEFAULT_TOLERANCE):
+            log(f"{model} b{batch_size} {mode}: warning: its first step's metrics differ from eager's by {value:.1e}")
     log(f"{model} b{batch_size}: {', '.join(built) or 'no mode'} built and warmed up; "
         f"timing {repeats} rounds of {steps} steps")
     seconds = {mode: [] for mode in built}
@@ -236,6 +275,7 @@ def time_group(model: str, batch_size: int, steps: int, repeats: int, device: to
             "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
             "round_seconds": seconds[mode],
             "paired_vs_module": paired_ratio(seconds.get("module", []), seconds[mode]),
+            "first_step_vs_eager": differences.get(mode),
             "error": None,
         })
     return rows

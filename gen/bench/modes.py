@@ -144,34 +144,45 @@ def make_runner(mode: str, model: str, config: Config, shape: tuple, device: tor
         return cudagraph_runner(step, state, pool)
     if mode in DONATED_MODES:
         return donated_runner(step, state, pool)
-    holder = {"state": state}
+    holder, first = {"state": state}, {}
 
     def advance(n: int) -> None:
         state = holder["state"]
         for index in range(n):
             batch, inputs = pool[index % POOL]
-            state, _ = step(state, batch, inputs)
+            state, metrics = step(state, batch, inputs)
+            remember(first, metrics)
         holder["state"] = state
+    advance.first_step_metrics = first
     return advance
+
+
+def remember(first: dict, metrics: dict) -> None:
+    """Keep a copy of the first step's metrics in `first`: every gen mode starts from the same state
+    and batch, so the harness checks the compiled modes against eager on them. A copy, because a
+    CUDA-graph replay overwrites its outputs on the next call."""
+    if not first:
+        first.update({name: value.detach().clone() for name, value in metrics.items()})
 
 
 def donated_runner(stepped: Callable, state: Tree, pool: list) -> Callable[[int], None]:
     """`advance(n)` for the compiled mode, as gen train runs it: `stepped` (compiled
     gen.optim.donate(step)) overwrites `state` in place each call, the same dict and
     tensors throughout; every call after the very first runs under compilation.steady()."""
-    calls = {"made": 0}
+    calls, first = {"made": 0}, {}
 
     def advance(n: int) -> None:
         index = 0
         if n and not calls["made"]:  # the first call compiles, with guards (nothing to skip yet)
             batch, inputs = pool[0]
-            stepped(state, batch, inputs)
+            remember(first, stepped(state, batch, inputs))
             index = 1
         with steady():
             for index in range(index, n):
                 batch, inputs = pool[index % POOL]
                 stepped(state, batch, inputs)
         calls["made"] += n
+    advance.first_step_metrics = first
     return advance
 
 
@@ -185,7 +196,7 @@ def cudagraph_runner(step: Callable, state: Tree, pool: list) -> Callable[[int],
     after every replay the new state is copied into them with one _foreach_copy_
     — JAX's donation, done by hand. cudagraph_mark_step_begin() before each call
     tells the cudagraph tree that the previous step's outputs are dead."""
-    buffers = leaves(state)
+    buffers, first = leaves(state), {}
     for t in buffers:
         torch._dynamo.mark_static_address(t)
 
@@ -193,7 +204,9 @@ def cudagraph_runner(step: Callable, state: Tree, pool: list) -> Callable[[int],
         for index in range(n):
             batch, inputs = pool[index % POOL]
             torch.compiler.cudagraph_mark_step_begin()
-            new_state, _ = step(state, batch, inputs)
+            new_state, metrics = step(state, batch, inputs)
             torch._foreach_copy_(buffers, leaves(new_state))
+            remember(first, metrics)
+    advance.first_step_metrics = first
     return advance
 
