@@ -3,7 +3,7 @@
 #
 #     OUT=/some/dir bash bench/cuda.sh     # from anywhere; OUT defaults to bench/cuda-out
 #
-# Modes module, eager, compiled, compiled-ro (CUDA graphs) and compiled-bf16 for
+# Modes module, eager, undonated, compiled, compiled-ro (CUDA graphs) and compiled-bf16 for
 # every model at GPU batch sizes (vae 128/4096, dcgan 64/512, conv-vae 128/1024,
 # gan-2d 256, wgan-gp 256), in priority order, no fresh-process compile probes
 # (first_call_s still shows each compile). Everything ends within TOTAL seconds

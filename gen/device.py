@@ -1,6 +1,7 @@
 """Which device a command runs on, waiting for it, and the number format of its matmuls:
 shared by `gen train`, `gen sample` and `gen bench`."""
 
+import functools
 from typing import Callable
 
 import torch
@@ -31,12 +32,12 @@ def autocast_step(step: Callable, device: torch.device) -> Callable:
     tensor. bfloat16 keeps float32's exponent range, so no loss scaling is needed (unlike
     float16). Measured on the 2-core AVX-512-BF16 CPU (bench/README.md): VAE b128 2.8x the
     float32 nn.Module peer against 1.7x for the float32 compiled step, DCGAN b64 1.8x against 1.3x."""
+    # wraps: the step's attributes come along, its compile options (`inductor_options`) among
+    # them; without them WGAN-GP's bf16 step failed to compile on the CPU.
+    @functools.wraps(step)
     def step_bf16(state, batch, inputs):
         with torch.autocast(device.type, dtype=torch.bfloat16):
             new_state, metrics = step(state, batch, inputs)
         # A mean of bfloat16 logits is bfloat16 (3 significant digits): log metrics as float32.
         return new_state, {name: value.float() for name, value in metrics.items()}
-    # The step's attributes come along, its compile options (`inductor_options`) among them:
-    # without them WGAN-GP's bf16 step failed to compile on the CPU.
-    step_bf16.__dict__.update(getattr(step, "__dict__", {}))
     return step_bf16

@@ -113,20 +113,27 @@ def conv_transpose2d_as_matmul(params: Params, x: Tensor, stride: int = 1, paddi
     return y
 
 
+def matmul_forms_pay(x: Tensor) -> bool:
+    """Whether the image-facing layers run as matmuls (image_conv2d, image_conv_transpose2d,
+    map_linear): on the CPU, where they beat oneDNN's one-channel convolutions. Elsewhere the
+    library layers: cuDNN has no such weak spot, and on CUDA (torch 2.11, H100) Inductor's
+    predicted strides for the next convolution's gradient disagreed with cuDNN's channels-last
+    result after the matmul form ("expected ... stride 49==1"), failing every compiled DCGAN step.
+    The device is known while tracing, so a compiled step holds one branch."""
+    return x.device.type == "cpu"
+
+
 def image_conv2d(params: Params, x: Tensor, stride: int = 1, padding: int = 0) -> Tensor:
     """The convolution that reads an image (few input channels): conv2d_as_matmul on the CPU,
-    conv2d elsewhere. cuDNN has no weak spot at one channel to work around, and on CUDA (torch
-    2.11, H100) Inductor's predicted strides for the next convolution's gradient disagreed with
-    cuDNN's channels-last result after the matmul form ("expected ... stride 49==1"), failing
-    every compiled DCGAN step."""
-    layer = conv2d_as_matmul if x.device.type == "cpu" else conv2d
+    conv2d elsewhere (matmul_forms_pay)."""
+    layer = conv2d_as_matmul if matmul_forms_pay(x) else conv2d
     return layer(params, x, stride=stride, padding=padding)
 
 
 def image_conv_transpose2d(params: Params, x: Tensor, stride: int = 1, padding: int = 0) -> Tensor:
     """The transposed convolution that writes an image (few output channels):
-    conv_transpose2d_as_matmul on the CPU, conv_transpose2d elsewhere (see image_conv2d)."""
-    layer = conv_transpose2d_as_matmul if x.device.type == "cpu" else conv_transpose2d
+    conv_transpose2d_as_matmul on the CPU, conv_transpose2d elsewhere (matmul_forms_pay)."""
+    layer = conv_transpose2d_as_matmul if matmul_forms_pay(x) else conv_transpose2d
     return layer(params, x, stride=stride, padding=padding)
 
 
@@ -137,9 +144,9 @@ def map_linear(params: Params, h: Tensor) -> Tensor:
     gradient's reduction over the batch) cost DCGAN's critic about 5 ms a step on this project's
     CPU. Worth it for a few outputs (a critic's score); for many (a VAE's 256 hidden units) oneDNN
     converts the big weight to its own layout on every call and the plain linear is faster.
-    Off the CPU it is the plain linear (see image_conv2d).
+    Off the CPU it is the plain linear (matmul_forms_pay).
     """
-    if h.device.type != "cpu":
+    if not matmul_forms_pay(h):
         return linear(params, h.flatten(1))
     weight = params["weight"].reshape(params["weight"].shape[0], *h.shape[1:])  # (out, C, H, W)
     return F.conv2d(h, weight, params.get("bias")).flatten(1)
