@@ -63,6 +63,13 @@ Six choices, each measured on the 2-core CPU of bench/README.md:
    layout than the one the graph was compiled for, and Inductor's stride
    assertion failed on the next call.
 
+One process, many compiled steps: Dynamo keeps at most 8 graphs per Python function
+(torch._dynamo.config.recompile_limit), and every step compiled here goes through the
+same functions (gen.optim.donate's wrapper, a family's step), so the ninth compile in a
+process fails with FailOnRecompileLimitHit. `gen train` compiles once; the benchmark
+calls torch._dynamo.reset() between its (model, batch) groups (seen on CUDA, and on the
+CPU with five groups of two donated modes each).
+
 What the step's own code avoids, because Dynamo re-traces its Python in every
 new process, warm compile cache or not: einops and torch.utils._pytree. Dynamo
 steps through einops' pattern parsing line by line, about 90 ms a call against
