@@ -1,14 +1,14 @@
-"""gen/compilation.py: the vector-ISA probe runs once per cache directory; steady() skips guards;
-convolution states go channels-last on the CPU."""
+"""gen/compilation.py: the vector-ISA probe runs once per cache directory; steady() skips guards
+and a warm compile_step step calls its graph directly; convolution states go channels-last on the CPU."""
 
 import json
 
 import pytest
 import torch
 
-from gen import compilation, models
+from gen import compilation, models, optim
 from gen.config import Config, resolve
-from gen.tree import flatten
+from gen.tree import flatten, leaves
 
 
 def spy_on_probes(monkeypatch) -> list[bool]:
@@ -89,6 +89,84 @@ def test_steady_runs_the_one_graph_and_refuses_to_recompile():
     assert len(graphs) == 1
     double(torch.ones(4))  # outside steady(): another shape compiles another graph
     assert len(graphs) == 2
+
+
+def regression_step():
+    """A small MLP regression step with Adam, its initial state and three batches."""
+    g = torch.Generator().manual_seed(0)
+    params = {"w1": torch.randn(8, 16, generator=g), "b1": torch.zeros(16), "w2": torch.randn(16, 1, generator=g)}
+    optimizer = optim.adam(1e-2)
+
+    def loss_fn(params, x, y):
+        return ((torch.tanh(x @ params["w1"] + params["b1"]) @ params["w2"]) - y).pow(2).mean()
+
+    def step(state, x, y):
+        loss, grads = torch.func.grad_and_value(loss_fn)(state["params"], x, y)[::-1]
+        new_params, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        return {"params": new_params, "opt_state": opt_state}, {"loss": loss}
+
+    fresh = lambda: {"params": {k: v.clone() for k, v in params.items()}, "opt_state": optimizer.init(params)}
+    batches = [(torch.randn(32, 8, generator=g), torch.randn(32, 1, generator=g)) for _ in range(3)]
+    return step, fresh, batches
+
+
+def count_dynamo_calls(stepped) -> list:
+    """Every call of a DirectStep that goes through Dynamo rather than straight to its graph."""
+    calls, through_dynamo = [], stepped.compiled
+
+    def counted(*args):
+        calls.append(args)
+        return through_dynamo(*args)
+    stepped.compiled = counted
+    return calls
+
+
+def test_a_warm_donated_step_under_steady_calls_its_graph_directly_with_the_same_numbers():
+    """Compilation is what this test is about (one small graph). Under steady() the donated step's
+    calls skip Dynamo and give, bit for bit, what the same graph gives through Dynamo; a batch of
+    another shape is not run on the recorded graph but refused, as steady() promises."""
+    step, fresh, batches = regression_step()
+    torch._dynamo.reset()
+    stepped = compilation.compile_step(step, "cpu", donate=True)
+    dynamo_calls = count_dynamo_calls(stepped)
+    direct, through_dynamo = fresh(), fresh()
+    stepped(direct, *batches[0])                   # compiles the graph and records the call
+    stepped(through_dynamo, *batches[0])
+    with compilation.steady():
+        for index in range(1, 6):
+            direct_metrics = stepped(direct, *batches[index % 3])
+    for index in range(1, 6):                      # outside steady(): through Dynamo, guards and all
+        dynamo_metrics = stepped(through_dynamo, *batches[index % 3])
+    assert len(dynamo_calls) == 2 + 5
+    assert torch.equal(direct_metrics["loss"], dynamo_metrics["loss"])
+    for got, want in zip(leaves(direct), leaves(through_dynamo)):
+        assert torch.equal(got, want)
+    assert direct["opt_state"]["count"].item() == 6
+
+    wider = (torch.randn(64, 8), torch.randn(64, 1))
+    with compilation.steady(), pytest.raises(RuntimeError, match="Recompilation triggered"):
+        stepped(direct, *wider)
+    assert len(dynamo_calls) == 8 and direct["opt_state"]["count"].item() == 6
+
+
+def test_a_warm_pure_step_under_steady_runs_on_each_new_state_and_matches_eager():
+    """The pure step returns a new state every call: the direct call must feed the graph the
+    tensors it is given (matched by dtype, shape and strides), not the ones it recorded."""
+    step, fresh, batches = regression_step()
+    torch._dynamo.reset()
+    stepped = compilation.compile_step(step, "cpu")
+    dynamo_calls = count_dynamo_calls(stepped)
+    state, expected = stepped(fresh(), *batches[0])[0], step(fresh(), *batches[0])[0]
+    with compilation.steady():
+        for index in range(1, 6):
+            state, metrics = stepped(state, *batches[index % 3])
+            expected, expected_metrics = step(expected, *batches[index % 3])
+    assert len(dynamo_calls) == 1
+    assert metrics.keys() == expected_metrics.keys() and state.keys() == expected.keys()
+    assert torch.allclose(metrics["loss"], expected_metrics["loss"], rtol=1e-5)
+    for got, want in zip(leaves(state), leaves(expected)):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert state["opt_state"]["count"].item() == 6
 
 
 def test_convolution_layout_is_channels_last_on_the_cpu_for_convolution_states_only():
