@@ -1,6 +1,7 @@
 """The benchmark harness without torch.compile: FLOP counting, the nn.Module peers'
 parity with gen's losses (the proof they are the same models), and one end-to-end run."""
 
+import importlib
 import json
 import statistics
 from dataclasses import replace
@@ -107,6 +108,25 @@ def test_harness_runs_end_to_end_and_writes_json(tmp_path):
         [m / e for m, e in zip(module["round_seconds"], eager["round_seconds"])]))
     written = json.loads(path.read_text())
     assert written["results"] == results and written["machine"]["torch"] == torch.__version__
+
+
+def test_the_cpu_matmul_peak_is_the_faster_of_torch_mm_and_onednn(monkeypatch):
+    """torch.mm (MKL in the x86 wheels) is not torch's fastest float32 GEMM on every CPU: the
+    peak times oneDNN's too, takes the faster, and does without a library this torch cannot run."""
+    machine = importlib.import_module("gen.bench.machine")  # gen.bench.machine is also a function's name
+    libraries = machine.matmul_samplers("cpu", size=64)
+    expected = ["torch.mm", "oneDNN"] if torch.backends.mkldnn.is_available() else ["torch.mm"]
+    assert list(libraries) == expected and all(sample() > 0 for sample in libraries.values())
+
+    def broken(*args):
+        raise RuntimeError("no oneDNN here")
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.ops.mkldnn, "_linear_pointwise", broken, raising=False)
+        assert list(machine.matmul_samplers("cpu", size=64)) == ["torch.mm"]
+    monkeypatch.setattr(machine, "matmul_samplers", lambda device, size=None: {"torch.mm": lambda: 120.0,
+                                                                               "oneDNN": lambda: 210.0})
+    assert machine.matmul_sampler("cpu")() == 210.0
+    assert machine.matmul_peak_gflops("cpu") == 210.0
 
 
 def test_paired_ratio_pairs_rounds_and_stops_where_a_mode_stopped():

@@ -13,7 +13,7 @@ import torch
 
 from gen import models
 from gen.bench.compile_time import compile_seconds
-from gen.bench.machine import keep_freed_memory, machine, matmul_sampler, peak_memory_mb, time_mode
+from gen.bench.machine import keep_freed_memory, machine, matmul_samplers, peak_memory_mb, time_mode
 from gen.bench.modes import CUDA_MODES, EXTRA_MODES, MODELS, MODES, PEERS_DIR, flops_per_step, load_peers, \
     make_runner, model_config
 from gen.device import resolve_device
@@ -158,9 +158,13 @@ def run(models_: list[str] | None, batch_sizes: list[int] | None, steps: int, re
     out_of_time = (lambda: False) if deadline is None else (lambda: time.monotonic() >= deadline)
     # The peak is sampled at the start and once in every timing round, so it sees the same
     # machine load as the modes; rows get the median of all samples, filled in at the end.
-    sample_peak = matmul_sampler(device)
-    peak_samples = [sample_peak() for _ in range(7)]
-    log(f"float32 matmul peak: {median(peak_samples):.1f} GFLOP/s (at start)")
+    # On the CPU each sample is the faster of torch.mm and oneDNN (gen.bench.machine.matmul_samplers).
+    libraries = matmul_samplers(device)
+    samples = {library: [sample() for _ in range(7)] for library, sample in libraries.items()}
+    peak_samples = [max(rates) for rates in zip(*samples.values())]
+    sample_peak = lambda: max(sample() for sample in libraries.values())  # noqa: E731
+    log(f"float32 matmul peak: {median(peak_samples):.1f} GFLOP/s at start ("
+        + ", ".join(f"{library} {median(rates):.1f}" for library, rates in samples.items()) + ")")
     results = []
     for model, batch_size in groups:
         if out_of_time():

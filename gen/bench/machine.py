@@ -19,25 +19,50 @@ from gen.device import synchronize
 
 
 def matmul_sampler(device: torch.device | str, size: int | None = None) -> Callable[[], float]:
-    """A function that times one float32 (size × size) @ (size × size) product and returns its GFLOP/s.
+    """A function that times one float32 (size × size) product with each of torch's GEMMs
+    (matmul_samplers) and returns the faster one's GFLOP/s: the machine's float32 matmul peak."""
+    samplers = list(matmul_samplers(device, size).values())
+    return lambda: max(sample() for sample in samplers)
 
-    2·n³ FLOPs each; on CUDA TF32 stays at torch's default (off for matmul), so
-    this is the true float32 rate the models' own matmuls compete with."""
+
+def matmul_samplers(device: torch.device | str, size: int | None = None) -> dict[str, Callable[[], float]]:
+    """{library: a function that times one float32 (size × size) product and returns its GFLOP/s}.
+
+    2·n³ FLOPs each; on CUDA TF32 stays at torch's default (off for matmul), so this
+    is the true float32 rate. On the CPU torch.mm is not the fastest float32 GEMM that
+    torch ships: the x86 wheels' torch.mm is MKL's, and on the 2-core AMD EPYC of
+    bench/README.md oneDNN's (which Inductor uses for frozen-weight linears) ran
+    207-217 GFLOP/s at 2048² against torch.mm's 162-172. The peak is the hardware's
+    best, so both are timed where both exist (oneDNN through its private op, skipped
+    if this torch lacks it), and a model may land above torch.mm's own rate."""
     device = torch.device(device)
     size = size or (8192 if device.type == "cuda" else 2048)
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(size, size, generator=generator).to(device)
     b = torch.randn(size, size, generator=generator).to(device)
     out = torch.empty(size, size, device=device)
-    for _ in range(2):  # warm-up: thread pool, caches, clocks
-        torch.mm(a, b, out=out)
-    synchronize(device)
+    products = {"torch.mm": lambda: torch.mm(a, b, out=out)}
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        onednn_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+        products["oneDNN"] = lambda: onednn_linear(a, b, None, "none", [], "")  # a @ bᵀ
+    samplers = {}
+    for library, product in products.items():
+        try:
+            for _ in range(2):  # warm-up: thread pool, caches, clocks
+                product()
+        except (RuntimeError, TypeError):
+            continue  # this build cannot run it: the peak is the others'
+        synchronize(device)
+        samplers[library] = timed_product(product, 2 * size ** 3, device)
+    return samplers
 
+
+def timed_product(product: Callable[[], object], flops: int, device: torch.device) -> Callable[[], float]:
     def sample() -> float:
         start = time.perf_counter()
-        torch.mm(a, b, out=out)
+        product()
         synchronize(device)
-        return 2 * size ** 3 / (time.perf_counter() - start) / 1e9
+        return flops / (time.perf_counter() - start) / 1e9
     return sample
 
 
