@@ -108,6 +108,8 @@ def test_harness_runs_end_to_end_and_writes_json(tmp_path):
         [m / e for m, e in zip(module["round_seconds"], eager["round_seconds"])]))
     written = json.loads(path.read_text())
     assert written["results"] == results and written["machine"]["torch"] == torch.__version__
+    by_library = written["machine"]["matmul_gflops_at_start"]  # the peak is the faster library's
+    assert "torch.mm" in by_library and results[0]["peak_gflops"] <= max(by_library.values()) * 1.5
 
 
 def test_the_cpu_matmul_peak_is_the_faster_of_torch_mm_and_onednn(monkeypatch):

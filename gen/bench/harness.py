@@ -144,14 +144,16 @@ def release(device: torch.device) -> None:
 def run(models_: list[str] | None, batch_sizes: list[int] | None, steps: int, repeats: int,
         device: torch.device | str, modes: list[str] | None, warmup: int = 3,
         measure_compile: bool = True, log: Callable[[str], None] = print,
-        deadline: float | None = None, on_group: Callable[[list[dict]], None] | None = None) -> list[dict]:
+        deadline: float | None = None, on_group: Callable[[list[dict]], None] | None = None,
+        info: dict | None = None) -> list[dict]:
     """One result dict per (model, batch size, mode); see bench/README.md for the fields.
 
     A mode that raises (building, compiling, warming up or in a timed round) gets a row
     with `error` set, and the others go on. `deadline` (time.monotonic() seconds): no
     new group, mode or round starts after it (at least one round runs for the modes
     already built), so the run ends close to it with what it has. `on_group(results)`
-    is called after every (model, batch size) group, e.g. to write partial JSON."""
+    is called after every (model, batch size) group, e.g. to write partial JSON. `info` (the
+    JSON's machine record), if given, gets each matmul library's GFLOP/s at the start."""
     device = torch.device(device)
     modes = available_modes(modes, device)
     groups = plan(models_, batch_sizes)
@@ -163,8 +165,11 @@ def run(models_: list[str] | None, batch_sizes: list[int] | None, steps: int, re
     samples = {library: [sample() for _ in range(7)] for library, sample in libraries.items()}
     peak_samples = [max(rates) for rates in zip(*samples.values())]
     sample_peak = lambda: max(sample() for sample in libraries.values())  # noqa: E731
+    by_library = {library: round(median(rates), 1) for library, rates in samples.items()}
     log(f"float32 matmul peak: {median(peak_samples):.1f} GFLOP/s at start ("
-        + ", ".join(f"{library} {median(rates):.1f}" for library, rates in samples.items()) + ")")
+        + ", ".join(f"{library} {gflops}" for library, gflops in by_library.items()) + ")")
+    if info is not None:
+        info["matmul_gflops_at_start"] = by_library
     results = []
     for model, batch_size in groups:
         if out_of_time():
@@ -382,7 +387,7 @@ def main(models: list[str] | None = None, batch_sizes: list[int] | None = None, 
 
     try:
         results = run(models, batch_sizes, steps, repeats, torch_device, modes, measure_compile=measure_compile,
-                      deadline=deadline, on_group=keep)
+                      deadline=deadline, on_group=keep, info=info)
         complete = True
     except KeyboardInterrupt:
         print("interrupted: writing the groups finished so far")
