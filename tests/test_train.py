@@ -22,10 +22,17 @@ def test_compiled_step_builds_one_graph_and_matches_eager(tmp_path, model, monke
     The conv VAE's compiled step gets its state and batches channels-last (gen.compilation,
     convolution_layout), is checkpointed from that state and resumes compiled."""
     layouts = []  # per call: is the state's convolution weights' layout channels-last?
+    dynamo_calls = []  # calls that went through Dynamo rather than straight to the graph
     compile_step = compilation.compile_step
 
     def spied_compile_step(step, device, **options):
         compiled = compile_step(step, device, **options)
+        through_dynamo = compiled.compiled
+
+        def counted(*args):
+            dynamo_calls.append(len(layouts))
+            return through_dynamo(*args)
+        compiled.compiled = counted
 
         def call(state, batch, inputs):
             # (a weight with one input channel is the same either way; the others tell)
@@ -49,11 +56,12 @@ def test_compiled_step_builds_one_graph_and_matches_eager(tmp_path, model, monke
             if name in a:
                 assert a[name] == pytest.approx(b[name], rel=1e-3, abs=1e-3), (a["step"], name)
     assert layouts == [model == "conv-vae"] * 33
+    assert dynamo_calls == [1]  # the compiling call; the other 32 called the graph directly
 
     # Resumed and compiled again from the checkpoint the (channels-last) state was saved to.
     resumed = training.train(Config(**{**config.to_dict(), "epochs": 4}), tmp_path / "compiled", resume=True,
                              show_progress=False)
-    assert resumed["steps"] == 44 and layouts == [model == "conv-vae"] * 44
+    assert resumed["steps"] == 44 and layouts == [model == "conv-vae"] * 44 and dynamo_calls == [1, 34]
     assert checkpoint.load(tmp_path / "compiled" / training.CHECKPOINT)[1]["step"] == 44
 
 
