@@ -260,14 +260,15 @@ def test_autocast_and_cudagraph_runner_code_paths_on_cpu():
     buffers_state = family.init(config, shape, 0)
     advance = bench.cudagraph_runner(step, buffers_state, pool)
     advance(3)
-    expected = family.init(config, shape, 0)
+    expected, early_metrics = family.init(config, shape, 0), []
     for index in range(3):
         expected, expected_metrics = step(expected, *pool[index])
-        if index == 0:
-            first_metrics = expected_metrics
+        early_metrics.append(expected_metrics)
     for got, want in zip(leaves(buffers_state), leaves(expected)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-    torch.testing.assert_close(advance.first_step_metrics, first_metrics, rtol=0, atol=0)  # the first, not the last
+    # the first two steps', not the last
+    torch.testing.assert_close(advance.first_step_metrics, early_metrics[0], rtol=0, atol=0)
+    torch.testing.assert_close(advance.second_step_metrics, early_metrics[1], rtol=0, atol=0)
 
     wgan_family, wgan_config, wgan_shape = bench.model_config("wgan-gp", 8)
     wgan_step = wgan_family.make_step(wgan_config, wgan_shape)
@@ -275,24 +276,29 @@ def test_autocast_and_cudagraph_runner_code_paths_on_cpu():
     assert bench.autocast_step(wgan_step, torch.device("cpu")).inductor_options == wgan_step.inductor_options
 
 
-def test_every_gen_runner_keeps_its_first_steps_metrics():
-    """The harness checks the compiled modes' first step against eager's (first_step_differences)."""
+def test_every_gen_runner_keeps_its_first_two_steps_metrics():
+    """The harness checks the compiled modes' first two steps against eager's (step_differences)."""
     family, config, shape = bench.model_config("gan-2d", 8)
     step = family.make_step(config, shape)
     pool = bench.synthetic_inputs(family, config, shape, torch.device("cpu"))
-    _, expected = step(family.init(config, shape, 0), *pool[0])
-    eager = bench.make_runner("eager", "gan-2d", config, shape, torch.device("cpu"))
-    donated = bench.donated_runner(optim.donate(step), family.init(config, shape, 0), pool)  # uncompiled here
-    for advance in (eager, donated):
-        advance(1)
-        advance(2)
-        torch.testing.assert_close(advance.first_step_metrics, expected, rtol=0, atol=0)
+    state, first = step(family.init(config, shape, 0), *pool[0])
+    # Each advance(n) call starts again at the pool's first batch, in every mode alike.
+    second_after = {(1, 2): step(state, *pool[0])[1], (3,): step(state, *pool[1])[1]}
+    for calls, second in second_after.items():
+        eager = bench.make_runner("eager", "gan-2d", config, shape, torch.device("cpu"))
+        donated = bench.donated_runner(optim.donate(step), family.init(config, shape, 0), pool)  # uncompiled here
+        for advance in (eager, donated):
+            for n in calls:
+                advance(n)
+            torch.testing.assert_close(advance.first_step_metrics, first, rtol=0, atol=0)
+            torch.testing.assert_close(advance.second_step_metrics, second, rtol=0, atol=0)
 
 
-def test_first_step_differences_compare_each_mode_with_eager():
+def test_step_differences_compare_each_mode_with_eager():
     def runner(**metrics):
         advance = lambda n: None  # noqa: E731
         advance.first_step_metrics = {name: torch.tensor(value) for name, value in metrics.items()}
+        advance.second_step_metrics = {name: 2 * value for name, value in advance.first_step_metrics.items()}
         return advance
 
     runners = {"eager": runner(loss=500.0, logit=0.01), "same": runner(loss=500.0, logit=0.01),
@@ -301,9 +307,11 @@ def test_first_step_differences_compare_each_mode_with_eager():
                "nan": runner(loss=float("nan"), logit=0.01),
                "stacked": runner(loss=[500.0, 400.0], logit=[0.01, 0.02]),  # vmap-N: not comparable
                "module": lambda n: None}
-    differences = harness.first_step_differences(runners)
+    differences = harness.step_differences(runners)
     assert differences == pytest.approx({"same": 0.0, "relative": 0.01, "absolute": 0.02, "nan": float("inf")})
-    assert harness.first_step_differences({k: v for k, v in runners.items() if k != "eager"}) == {}
+    assert harness.step_differences(runners, "second") == pytest.approx(  # the same metrics doubled
+        {"same": 0.0, "relative": 0.01, "absolute": 0.04, "nan": float("inf")})
+    assert harness.step_differences({k: v for k, v in runners.items() if k != "eager"}) == {}
 
 
 def test_a_mode_whose_first_step_differs_from_eager_is_flagged(monkeypatch, capsys):
@@ -320,6 +328,7 @@ def test_a_mode_whose_first_step_differs_from_eager_is_flagged(monkeypatch, caps
             if first_call:  # the first loss is a few hundred nats: 1e-3 to 1e-2 off
                 advance.first_step_metrics["loss"] += 1.0
         perturbed.first_step_metrics = advance.first_step_metrics
+        perturbed.second_step_metrics = advance.second_step_metrics
         return perturbed
 
     monkeypatch.setattr(harness, "make_runner", off_by_one)
@@ -327,6 +336,7 @@ def test_a_mode_whose_first_step_differs_from_eager_is_flagged(monkeypatch, caps
     by_mode = {r["mode"]: r for r in rows}
     assert by_mode["eager"]["first_step_vs_eager"] is None
     assert 1e-3 < by_mode["undonated"]["first_step_vs_eager"] < 1e-2
+    assert by_mode["undonated"]["second_step_vs_eager"] == 0.0  # only the first step's loss was nudged
     assert by_mode["compiled-bf16"]["first_step_vs_eager"] == by_mode["undonated"]["first_step_vs_eager"]
     logged = capsys.readouterr().out
     assert "vae b16 undonated: warning: its first step's metrics differ from eager's" in logged

@@ -20,7 +20,8 @@ then time, synchronising the device).
 A mode or model that raises is recorded as a row with an `error` field and
 the run goes on; `time_budget` stops a run cleanly, keeping what it has.
 Every gen mode starts from the same state and batch, so each compiled mode's
-first-step metrics are checked against eager's (`first_step_vs_eager`).
+metrics on its first two steps are checked against eager's (`first_step_vs_eager`,
+`second_step_vs_eager`).
 
 Data and noise are synthetic, drawn once onto the device as tensors (a small
 pool cycled through), so the numbers measure the step and nothing else; the

@@ -95,28 +95,30 @@ ROW_FIELDS = ("model", "batch_size", "mode", "device", "batches_per_step", "mode
               "samples_per_s", "samples_per_s_min", "samples_per_s_max", "ms_per_step", "gflop_per_step",
               "gflops", "pct_of_peak", "peak_gflops", "first_call_s", "cold_compile_s", "warm_compile_s",
               "peak_memory_mb", "peak_memory_kind", "round_seconds", "paired_vs_module", "first_step_vs_eager",
-              "error")
-# How far a mode's first-step metrics may be from eager's before the log warns (first_step_differences).
-FIRST_STEP_TOLERANCE = {"compiled-bf16": 5e-2}
-FIRST_STEP_DEFAULT_TOLERANCE = 1e-3
+              "second_step_vs_eager", "error")
+# How far a mode's first- or second-step metrics may be from eager's before the log warns (step_differences).
+STEP_TOLERANCE = {"compiled-bf16": 5e-2}
+STEP_DEFAULT_TOLERANCE = 1e-3
 
 
-def first_step_differences(runners: dict[str, Callable]) -> dict[str, float]:
-    """How far each gen mode's first step is from eager's: every gen mode starts from the same
-    state and batch, so their first-step metrics (losses, means of logits, ...) should agree to
-    rounding (bf16: to bf16's precision). Per mode, the largest over the metrics of
+def step_differences(runners: dict[str, Callable], step: str = "first") -> dict[str, float]:
+    """How far each gen mode's first (or second) step is from eager's: every gen mode starts from
+    the same state and batches, so their metrics on those steps (losses, means of logits, ...)
+    should agree to rounding (bf16: to bf16's precision); the second also checks the update in
+    between. Per mode, the largest over the metrics of
 
         |m − m_eager| / max(1, |m_eager|)
 
     (relative for large values such as a VAE's summed loss, absolute near zero); inf if a metric
     is not finite. Modes whose metrics differ in name or shape from eager's (vmap-N, the module
     peer) are left out, and nothing is compared without an eager mode."""
-    reference = getattr(runners.get("eager"), "first_step_metrics", None)
+    attribute = f"{step}_step_metrics"
+    reference = getattr(runners.get("eager"), attribute, None)
     if not reference:
         return {}
     differences = {}
     for mode, runner in runners.items():
-        metrics = getattr(runner, "first_step_metrics", None)
+        metrics = getattr(runner, attribute, None)
         if mode == "eager" or not metrics or metrics.keys() != reference.keys() or \
                 any(metrics[k].shape != reference[k].shape for k in reference):
             continue
@@ -238,17 +240,20 @@ def time_group(model: str, batch_size: int, steps: int, repeats: int, device: to
             errors[mode] = report(log, f"{model} b{batch_size} {mode}", error)
             release(device)
     built = [m for m in modes if m in runners]
-    try:
-        differences = first_step_differences(runners)
-    except Exception as error:  # e.g. a sticky CUDA error: the modes' own rows will say so
-        report(log, f"{model} b{batch_size} first-step check", error)
-        differences = {}
-    if differences:
-        log(f"{model} b{batch_size}: first step against eager's, largest |m - m_eager| / max(1, |m_eager|) over "
-            "the metrics: " + ", ".join(f"{mode} {value:.1e}" for mode, value in differences.items()))
-    for mode, value in differences.items():
-        if not value <= FIRST_STEP_TOLERANCE.get(mode, FIRST_STEP_DEFAULT_TOLERANCE):
-            log(f"{model} b{batch_size} {mode}: warning: its first step's metrics differ from eager's by {value:.1e}")
+    differences = {}
+    for step in ("first", "second"):
+        try:
+            differences[step] = step_differences(runners, step)
+        except Exception as error:  # e.g. a sticky CUDA error: the modes' own rows will say so
+            report(log, f"{model} b{batch_size} {step}-step check", error)
+            differences[step] = {}
+        if differences[step]:
+            log(f"{model} b{batch_size}: {step} step against eager's, largest |m - m_eager| / max(1, |m_eager|) "
+                "over the metrics: " + ", ".join(f"{mode} {value:.1e}" for mode, value in differences[step].items()))
+        for mode, value in differences[step].items():
+            if not value <= STEP_TOLERANCE.get(mode, STEP_DEFAULT_TOLERANCE):
+                log(f"{model} b{batch_size} {mode}: warning: its {step} step's metrics differ from eager's "
+                    f"by {value:.1e}")
     log(f"{model} b{batch_size}: {', '.join(built) or 'no mode'} built and warmed up; "
         f"timing {repeats} rounds of {steps} steps")
     seconds = {mode: [] for mode in built}
@@ -288,7 +293,8 @@ def time_group(model: str, batch_size: int, steps: int, repeats: int, device: to
             "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
             "round_seconds": seconds[mode],
             "paired_vs_module": paired_ratio(seconds.get("module", []), seconds[mode]),
-            "first_step_vs_eager": differences.get(mode),
+            "first_step_vs_eager": differences["first"].get(mode),
+            "second_step_vs_eager": differences["second"].get(mode),
             "error": None,
         })
     return rows

@@ -144,45 +144,51 @@ def make_runner(mode: str, model: str, config: Config, shape: tuple, device: tor
         return cudagraph_runner(step, state, pool)
     if mode in DONATED_MODES:
         return donated_runner(step, state, pool)
-    holder, first = {"state": state}, {}
+    holder, early = {"state": state}, ({}, {})
 
     def advance(n: int) -> None:
         state = holder["state"]
         for index in range(n):
             batch, inputs = pool[index % POOL]
             state, metrics = step(state, batch, inputs)
-            remember(first, metrics)
+            remember(early, metrics)
         holder["state"] = state
-    advance.first_step_metrics = first
+    advance.first_step_metrics, advance.second_step_metrics = early
     return advance
 
 
-def remember(first: dict, metrics: dict) -> None:
-    """Keep a copy of the first step's metrics in `first`: every gen mode starts from the same state
-    and batch, so the harness checks the compiled modes against eager on them. A copy, because a
-    CUDA-graph replay overwrites its outputs on the next call."""
-    if not first:
-        first.update({name: value.detach().clone() for name, value in metrics.items()})
+def remember(early: tuple[dict, dict], metrics: dict) -> None:
+    """Keep copies of the first two steps' metrics in `early` (the first empty dict gets them):
+    every gen mode starts from the same state and batches, so the harness checks the compiled
+    modes against eager on them; the first step checks the loss, the second the update before
+    it, and in the steady modes the first call made straight to the graph (gen.compilation 7.).
+    Copies, because a CUDA-graph replay overwrites its outputs on the next call."""
+    for kept in early:
+        if not kept:
+            kept.update({name: value.detach().clone() for name, value in metrics.items()})
+            return
 
 
 def donated_runner(stepped: Callable, state: Tree, pool: list) -> Callable[[int], None]:
     """`advance(n)` for the compiled mode, as gen train runs it: `stepped` (compiled
     gen.optim.donate(step)) overwrites `state` in place each call, the same dict and
     tensors throughout; every call after the very first runs under compilation.steady()."""
-    calls, first = {"made": 0}, {}
+    calls, early = {"made": 0}, ({}, {})
 
     def advance(n: int) -> None:
         index = 0
         if n and not calls["made"]:  # the first call compiles, with guards (nothing to skip yet)
             batch, inputs = pool[0]
-            remember(first, stepped(state, batch, inputs))
+            remember(early, stepped(state, batch, inputs))
             index = 1
         with steady():
             for index in range(index, n):
                 batch, inputs = pool[index % POOL]
-                stepped(state, batch, inputs)
+                metrics = stepped(state, batch, inputs)
+                if calls["made"] + index == 1:
+                    remember(early, metrics)
         calls["made"] += n
-    advance.first_step_metrics = first
+    advance.first_step_metrics, advance.second_step_metrics = early
     return advance
 
 
@@ -196,7 +202,7 @@ def cudagraph_runner(step: Callable, state: Tree, pool: list) -> Callable[[int],
     after every replay the new state is copied into them with one _foreach_copy_
     — JAX's donation, done by hand. cudagraph_mark_step_begin() before each call
     tells the cudagraph tree that the previous step's outputs are dead."""
-    buffers, first = leaves(state), {}
+    buffers, early = leaves(state), ({}, {})
     for t in buffers:
         torch._dynamo.mark_static_address(t)
 
@@ -206,7 +212,7 @@ def cudagraph_runner(step: Callable, state: Tree, pool: list) -> Callable[[int],
             torch.compiler.cudagraph_mark_step_begin()
             new_state, metrics = step(state, batch, inputs)
             torch._foreach_copy_(buffers, leaves(new_state))
-            remember(first, metrics)
-    advance.first_step_metrics = first
+            remember(early, metrics)
+    advance.first_step_metrics, advance.second_step_metrics = early
     return advance
 
