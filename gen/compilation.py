@@ -75,7 +75,8 @@ Seven choices, each measured on the 2-core CPU of bench/README.md:
    compiled graph called on its leaves. Anything else goes through Dynamo.
    In one process, interleaved with the same step through Dynamo under steady()
    (a slow phase of the machine): VAE b128 1.047x and 1.027x as fast, gan-2d
-   b256 1.064x, WGAN-GP b256 1.028x, VAE b512 1.000x.
+   b256 1.064x, WGAN-GP b256 1.028x, VAE b512 1.000x; VAE b32 1.029x and
+   1.115x, gan-2d b64 1.123x and 1.073x.
 
 One process, many compiled steps: Dynamo keeps at most 8 graphs per Python function
 (torch._dynamo.config.recompile_limit), and every step compiled here goes through the
