@@ -96,8 +96,9 @@ compile went from 5.9-6.7 to 4.9-5.4 s, cold from 29 to 26 s (interleaved probes
 """
 
 import json
-from contextvars import ContextVar
+import weakref
 from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Callable, Iterator
 from unittest import mock
@@ -143,7 +144,8 @@ class DirectStep:
     the graph called on those leaves, and the result rebuilt around its outputs. A leaf
     matches when it is the same tensor object as in the recorded call (a donated state:
     the same tensors every step) or has the same dtype, shape, strides and device (a new
-    batch); non-tensor leaves must be equal, and grad mode the same."""
+    batch); non-tensor leaves must be equal, and grad mode the same. The record holds the
+    recorded call's tensors only weakly, so it keeps no state or batch alive."""
 
     def __init__(self, step: Callable, options: dict | None):
         self.options = options
@@ -160,7 +162,7 @@ class DirectStep:
 
         def run(*graph_inputs):
             outputs = graph(*graph_inputs)
-            if "outputs" not in seen:  # the compiling call's own outputs, to find in its result
+            if "inputs" in seen and "outputs" not in seen:  # the compiling call's outputs, to find in its result
                 seen["outputs"] = outputs
             return outputs
         return run
@@ -175,9 +177,10 @@ class DirectStep:
                 return _rebuild(record["result"], (outputs[i] if i >= 0 else c for i, c in record["results"]))
         self.new_graph = None
         result = self.compiled(*args)
-        if self.new_graph is not None:
-            self.record = _recording(self.new_graph, args, result)
-            self.new_graph = None
+        seen, self.new_graph = self.new_graph, None
+        if seen is not None:
+            self.record = _recording(seen, args, result)
+            seen.pop("inputs"), seen.pop("outputs", None)  # Dynamo keeps `run`: let go of this call's tensors
         return result
 
 
@@ -199,9 +202,10 @@ def _recording(graph: dict, args: tuple, result) -> dict | None:
             results.append((outputs[id(leaf)], None))
         else:
             results.append((-1, leaf))
-    return {"graph": graph["graph"], "sources": sources, "results": results, "result": result,
-            "leaves": call_leaves, "grad": torch.is_grad_enabled(),
-            "metadata": [_metadata(leaf) for leaf in call_leaves]}
+    return {"graph": graph["graph"], "sources": sources, "results": results,
+            "result": _rebuild(result, iter([None] * len(results))),  # the structure only
+            "leaves": [weakref.ref(leaf) if isinstance(leaf, torch.Tensor) else leaf for leaf in call_leaves],
+            "grad": torch.is_grad_enabled(), "metadata": [_metadata(leaf) for leaf in call_leaves]}
 
 
 def _metadata(leaf):
@@ -215,7 +219,10 @@ def _matches(call_leaves: list, record: dict) -> bool:
     if len(call_leaves) != len(recorded) or torch.is_grad_enabled() != record["grad"]:
         return False
     for leaf, old, metadata in zip(call_leaves, recorded, record["metadata"]):
-        if leaf is not old and (type(leaf) is not type(old) or _metadata(leaf) != metadata):
+        if isinstance(old, weakref.ref):
+            if old() is not leaf and not (isinstance(leaf, torch.Tensor) and _metadata(leaf) == metadata):
+                return False
+        elif isinstance(leaf, torch.Tensor) or leaf != old:
             return False
     return True
 

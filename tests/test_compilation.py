@@ -1,7 +1,9 @@
 """gen/compilation.py: the vector-ISA probe runs once per cache directory; steady() skips guards
 and a warm compile_step step calls its graph directly; convolution states go channels-last on the CPU."""
 
+import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -115,7 +117,7 @@ def count_dynamo_calls(stepped) -> list:
     calls, through_dynamo = [], stepped.compiled
 
     def counted(*args):
-        calls.append(args)
+        calls.append(len(args))  # not the arguments themselves: a test checks what stays alive
         return through_dynamo(*args)
     stepped.compiled = counted
     return calls
@@ -156,7 +158,12 @@ def test_a_warm_pure_step_under_steady_runs_on_each_new_state_and_matches_eager(
     torch._dynamo.reset()
     stepped = compilation.compile_step(step, "cpu")
     dynamo_calls = count_dynamo_calls(stepped)
-    state, expected = stepped(fresh(), *batches[0])[0], step(fresh(), *batches[0])[0]
+    initial = fresh()
+    state, expected = stepped(initial, *batches[0])[0], step(fresh(), *batches[0])[0]
+    initial_weight = weakref.ref(initial["params"]["w1"])
+    del initial
+    gc.collect()
+    assert initial_weight() is None  # the record of the compiling call keeps none of its tensors alive
     with compilation.steady():
         for index in range(1, 6):
             state, metrics = stepped(state, *batches[index % 3])
