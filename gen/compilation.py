@@ -4,8 +4,8 @@
     stepped = compile_step(step, device, donate=True)  # metrics = stepped(state, batch, inputs);
                                                        # `state` now holds the next state
     stepped(state, batch, inputs)                      # the first call compiles
-    with steady():                                     # later calls skip Dynamo's guard checks
-        for ...: stepped(state, batch, inputs)
+    with steady():                                     # later calls skip Dynamo: the graph is
+        for ...: stepped(state, batch, inputs)         # called directly (3. and 7. below)
 
 Seven choices, each measured on the 2-core CPU of bench/README.md:
 
