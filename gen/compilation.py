@@ -139,8 +139,8 @@ class DirectStep:
     The first call, and any call that does not match the recorded one, goes through
     Dynamo as usual. When that call compiles a graph (Dynamo then hands the backend the
     graph and the very tensors it will be called with), the call is recorded: which
-    argument leaf feeds each graph input, and which graph output (or argument) each leaf
-    of the result is. A later call inside steady() whose leaves match the record is then
+    argument leaf feeds each graph input, and which graph output each tensor leaf of the
+    result is. A later call inside steady() whose leaves match the record is then
     the graph called on those leaves, and the result rebuilt around its outputs. A leaf
     matches when it is the same tensor object as in the recorded call (a donated state:
     the same tensors every step) or has the same dtype, shape, strides and device (a new
@@ -176,17 +176,21 @@ class DirectStep:
                 outputs = record["graph"](*[call_leaves[i] if i >= 0 else c for i, c in sources])
                 return _rebuild(record["result"], (outputs[i] if i >= 0 else c for i, c in record["results"]))
         self.new_graph = None
-        result = self.compiled(*args)
-        seen, self.new_graph = self.new_graph, None
-        if seen is not None:
-            self.record = _recording(seen, args, result)
-            seen.pop("inputs"), seen.pop("outputs", None)  # Dynamo keeps `run`: let go of this call's tensors
+        try:
+            result = self.compiled(*args)
+            if self.new_graph is not None:
+                self.record = _recording(self.new_graph, args, result)
+        finally:
+            if self.new_graph is not None:  # Dynamo keeps `run`: let go of this call's tensors
+                self.new_graph.pop("inputs", None), self.new_graph.pop("outputs", None)
+            self.new_graph = None
         return result
 
 
 def _recording(graph: dict, args: tuple, result) -> dict | None:
     """The record DirectStep replays, or None when the call cannot be replayed from its leaves
-    (a graph input that is not an argument leaf, a result leaf that is neither an output nor an argument)."""
+    (a tensor leaf of the result that is not a graph output, e.g. an argument handed back).
+    A graph input that is no argument leaf (a tensor the step itself holds) is kept as is."""
     if "outputs" not in graph:
         return None
     call_leaves = _leaves(args)
