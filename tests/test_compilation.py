@@ -8,7 +8,7 @@ import weakref
 import pytest
 import torch
 
-from gen import compilation, models, optim
+from gen import compilation, models
 from gen.config import Config, resolve
 from gen.tree import flatten, leaves
 
@@ -93,25 +93,6 @@ def test_steady_runs_the_one_graph_and_refuses_to_recompile():
     assert len(graphs) == 2
 
 
-def regression_step():
-    """A small MLP regression step with Adam, its initial state and three batches."""
-    g = torch.Generator().manual_seed(0)
-    params = {"w1": torch.randn(8, 16, generator=g), "b1": torch.zeros(16), "w2": torch.randn(16, 1, generator=g)}
-    optimizer = optim.adam(1e-2)
-
-    def loss_fn(params, x, y):
-        return ((torch.tanh(x @ params["w1"] + params["b1"]) @ params["w2"]) - y).pow(2).mean()
-
-    def step(state, x, y):
-        loss, grads = torch.func.grad_and_value(loss_fn)(state["params"], x, y)[::-1]
-        new_params, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        return {"params": new_params, "opt_state": opt_state}, {"loss": loss}
-
-    fresh = lambda: {"params": {k: v.clone() for k, v in params.items()}, "opt_state": optimizer.init(params)}
-    batches = [(torch.randn(32, 8, generator=g), torch.randn(32, 1, generator=g)) for _ in range(3)]
-    return step, fresh, batches
-
-
 def count_dynamo_calls(stepped) -> list:
     """Every call of a DirectStep that goes through Dynamo rather than straight to its graph."""
     calls, through_dynamo = [], stepped.compiled
@@ -123,11 +104,11 @@ def count_dynamo_calls(stepped) -> list:
     return calls
 
 
-def test_a_warm_donated_step_under_steady_calls_its_graph_directly_with_the_same_numbers():
+def test_a_warm_donated_step_under_steady_calls_its_graph_directly_with_the_same_numbers(regression_step):
     """Compilation is what this test is about (one small graph). Under steady() the donated step's
     calls skip Dynamo and give, bit for bit, what the same graph gives through Dynamo; a batch of
     another shape is not run on the recorded graph but refused, as steady() promises."""
-    step, fresh, batches = regression_step()
+    step, fresh, batches = regression_step
     torch._dynamo.reset()
     stepped = compilation.compile_step(step, "cpu", donate=True)
     dynamo_calls = count_dynamo_calls(stepped)
@@ -151,10 +132,10 @@ def test_a_warm_donated_step_under_steady_calls_its_graph_directly_with_the_same
     assert len(dynamo_calls) == 8 and direct["opt_state"]["count"].item() == 6
 
 
-def test_a_warm_pure_step_under_steady_runs_on_each_new_state_and_matches_eager():
+def test_a_warm_pure_step_under_steady_runs_on_each_new_state_and_matches_eager(regression_step):
     """The pure step returns a new state every call: the direct call must feed the graph the
     tensors it is given (matched by dtype, shape and strides), not the ones it recorded."""
-    step, fresh, batches = regression_step()
+    step, fresh, batches = regression_step
     torch._dynamo.reset()
     stepped = compilation.compile_step(step, "cpu")
     dynamo_calls = count_dynamo_calls(stepped)

@@ -66,23 +66,10 @@ def test_schedule_enters_as_a_function_of_the_step_count():
     torch.testing.assert_close(params["w"], torch.tensor([-0.3]))
 
 
-def test_donated_step_is_the_pure_step_in_place_one_graph():
+def test_donated_step_is_the_pure_step_in_place_one_graph(regression_step):
     # A small MLP regression step with Adam; donation must change where the new state
     # lives, never what it is, and must not add graphs or recompiles.
-    g = torch.Generator().manual_seed(0)
-    params = {"w1": torch.randn(8, 16, generator=g), "b1": torch.zeros(16), "w2": torch.randn(16, 1, generator=g)}
-    optimizer = optim.adam(1e-2)
-
-    def loss_fn(params, x, y):
-        return ((torch.tanh(x @ params["w1"] + params["b1"]) @ params["w2"]) - y).pow(2).mean()
-
-    def step(state, x, y):
-        loss, grads = torch.func.grad_and_value(loss_fn)(state["params"], x, y)[::-1]
-        new_params, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        return {"params": new_params, "opt_state": opt_state}, {"loss": loss}
-
-    batches = [(torch.randn(32, 8, generator=g), torch.randn(32, 1, generator=g)) for _ in range(3)]
-    fresh = lambda: {"params": {k: v.clone() for k, v in params.items()}, "opt_state": optimizer.init(params)}
+    step, fresh, batches = regression_step
     torch._dynamo.reset()
     pure, donated = (torch.compile(f, fullgraph=True, dynamic=False) for f in (step, optim.donate(step)))
     expected, state = fresh(), fresh()
