@@ -13,7 +13,7 @@ import torch
 
 from gen import models
 from gen.bench.compile_time import compile_seconds
-from gen.bench.machine import keep_freed_memory, machine, matmul_samplers, peak_memory_mb, time_mode
+from gen.bench.machine import fastest, keep_freed_memory, machine, matmul_samplers, peak_memory_mb, time_mode
 from gen.bench.modes import CUDA_MODES, EXTRA_MODES, MODELS, MODES, PEERS_DIR, flops_per_step, load_peers, \
     make_runner, model_config
 from gen.device import resolve_device
@@ -166,7 +166,7 @@ def run(models_: list[str] | None, batch_sizes: list[int] | None, steps: int, re
     libraries = matmul_samplers(device)
     samples = {library: [sample() for _ in range(7)] for library, sample in libraries.items()}
     peak_samples = [max(rates) for rates in zip(*samples.values())]
-    sample_peak = lambda: max(sample() for sample in libraries.values())  # noqa: E731
+    sample_peak = fastest(libraries)
     by_library = {library: round(median(rates), 1) for library, rates in samples.items()}
     log(f"float32 matmul peak: {median(peak_samples):.1f} GFLOP/s at start ("
         + ", ".join(f"{library} {gflops}" for library, gflops in by_library.items()) + ")")

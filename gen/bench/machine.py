@@ -21,8 +21,12 @@ from gen.device import synchronize
 def matmul_sampler(device: torch.device | str, size: int | None = None) -> Callable[[], float]:
     """A function that times one float32 (size × size) product with each of torch's GEMMs
     (matmul_samplers) and returns the faster one's GFLOP/s: the machine's float32 matmul peak."""
-    samplers = list(matmul_samplers(device, size).values())
-    return lambda: max(sample() for sample in samplers)
+    return fastest(matmul_samplers(device, size))
+
+
+def fastest(samplers: dict[str, Callable[[], float]]) -> Callable[[], float]:
+    """One sample from each library's sampler, the highest GFLOP/s of them."""
+    return lambda: max(sample() for sample in samplers.values())
 
 
 def matmul_samplers(device: torch.device | str, size: int | None = None) -> dict[str, Callable[[], float]]:
