@@ -36,8 +36,15 @@ def default_out(model: str, data: str) -> Path:
     return candidate
 
 
+# `gen train` options that define what a run trains: given with --resume they are refused, since
+# the checkpoint's own settings are the ones the run continues with.
+RUN_SETTINGS = ("batch_size", "lr", "optimizer", "beta", "iwae_k", "latent_dim", "lr_schedule", "hidden_dim",
+                "gan_loss", "n_critic", "gp_weight", "pack", "ema_decay", "seed", "precision")
+
+
 @app.command()
 def train(
+    context: typer.Context,
     model: Annotated[str, typer.Argument(help="vae | conv-vae | gan | dcgan | wgan-gp | sngan")],
     data: Annotated[str, typer.Option(help="digits | fashion-mnist | mnist | ring8 | grid25 | moons | "
                                            "swissroll | a directory of IDX files")] = None,
@@ -80,14 +87,26 @@ def train(
 
     try:
         if resume:
+            # What the run trains (data, model, optimizer, precision, seed, ...) is fixed by its
+            # checkpoint; a resume may change only how long and where it runs, and how it reports.
+            # (By name: typer 0.29 carries its own copy of click's ParameterSource enum.)
+            fixed = [name for name in RUN_SETTINGS
+                     if getattr(context.get_parameter_source(name), "name", None) == "COMMANDLINE"]
+            if fixed:
+                fail(f"--{fixed[0].replace('_', '-')} cannot change when resuming: the run keeps the "
+                     f"settings in its checkpoint; leave it out, or start a new run with --out elsewhere")
             out = out or Path("runs") / f"{model}-{Path(data or 'digits').name}"
             metadata = checkpoint.read_metadata(out / CHECKPOINT)
             if metadata["model"] != model:
                 fail(f"{out} holds a '{metadata['model']}' run, not '{model}': resume it as {metadata['model']}")
             config = Config.from_dict(metadata["config"])
+            if data is not None and data != config.data:
+                fail(f"{out} holds a run on '{config.data}', not '{data}': resume it with --data {config.data} "
+                     f"or without --data")
             length = {"epochs": epochs, "steps": steps} if (epochs or steps) else {}
+            moved = {"data_dir": data_dir} if data_dir is not None else {}  # the data files may have moved
             config = replace(config, compile=compile, device=device, log_every=log_every,
-                             sample_every=sample_every, **length)
+                             sample_every=sample_every, **length, **moved)
         else:
             data = data or ("grid25" if model in ("gan", "wgan-gp", "sngan") else "digits")
             config = Config(model=model, data=data, data_dir=data_dir, epochs=epochs, steps=steps,

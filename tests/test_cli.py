@@ -108,6 +108,19 @@ def test_corrupt_checkpoint_is_refused_and_left_alone(run, tmp_path):
     assert bad.read_bytes() == before
 
 
+@pytest.mark.parametrize("args, fragment", [
+    (["--lr", "0.01"], "--lr cannot change when resuming"),
+    (["--precision", "bf16"], "--precision cannot change when resuming"),
+    (["--seed", "0"], "--seed cannot change when resuming"),  # even when it names the default
+    (["--data", "fashion-mnist"], "holds a run on 'digits', not 'fashion-mnist'"),
+])
+def test_resume_refuses_to_change_what_the_run_trains(run, args, fragment):
+    before = (run / "checkpoint.safetensors").read_bytes()
+    assert_one_line_error(gen("train", "vae", "--resume", "--out", run, "--steps", 30, "--no-compile",
+                              "--no-progress", *args), fragment)
+    assert (run / "checkpoint.safetensors").read_bytes() == before
+
+
 def test_existing_run_wrong_model_and_bad_output_name(run, tmp_path):
     assert_one_line_error(gen("train", "vae", "--out", run, "--no-compile"), "already holds a checkpoint")
     assert_one_line_error(gen("train", "conv-vae", "--resume", "--out", run), "holds a 'vae' run")
