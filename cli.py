@@ -27,6 +27,11 @@ def expected_errors() -> tuple[type[Exception], ...]:
     return (ValueError, DataError, CheckpointError, OSError)
 
 
+def default_data(model: str) -> str:
+    """The embedded data set a model trains on without --data: 2-D points for the MLP GANs."""
+    return "grid25" if model in ("gan", "wgan-gp", "sngan") else "digits"
+
+
 def default_out(model: str, data: str) -> Path:
     """runs/MODEL-DATA, or -2, -3, ... when that run folder is taken: a new run never overwrites an old one."""
     base = Path("runs") / f"{model}-{Path(data).name or 'data'}"
@@ -95,7 +100,7 @@ def train(
             if fixed:
                 fail(f"--{fixed[0].replace('_', '-')} cannot change when resuming: the run keeps the "
                      f"settings in its checkpoint; leave it out, or start a new run with --out elsewhere")
-            out = out or Path("runs") / f"{model}-{Path(data or 'digits').name}"
+            out = out or Path("runs") / f"{model}-{Path(data or default_data(model)).name}"
             metadata = checkpoint.read_metadata(out / CHECKPOINT)
             if metadata["model"] != model:
                 fail(f"{out} holds a '{metadata['model']}' run, not '{model}': resume it as {metadata['model']}")
@@ -108,7 +113,7 @@ def train(
             config = replace(config, compile=compile, device=device, log_every=log_every,
                              sample_every=sample_every, **length, **moved)
         else:
-            data = data or ("grid25" if model in ("gan", "wgan-gp", "sngan") else "digits")
+            data = data or default_data(model)
             config = Config(model=model, data=data, data_dir=data_dir, epochs=epochs, steps=steps,
                             batch_size=batch_size, optimizer=optimizer, lr=lr, seed=seed, beta=beta,
                             iwae_k=iwae_k, latent_dim=latent_dim, hidden_dim=hidden_dim, lr_schedule=lr_schedule,

@@ -145,6 +145,16 @@ def test_gan_run_reports_its_own_losses_and_mode_coverage(tmp_path):
     assert (out / "loss.png").stat().st_size > 0
 
 
+def test_resume_without_out_finds_the_default_run_folder(tmp_path, monkeypatch):
+    """`gen train gan` writes runs/gan-grid25 (its default data); `--resume` alone finds it there."""
+    monkeypatch.chdir(tmp_path)
+    first = gen("train", "gan", "--steps", 10, "--hidden-dim", 16, "--no-compile", "--no-progress")
+    assert first.exit_code == 0, first.output
+    resumed = gen("train", "gan", "--resume", "--steps", 20, "--no-compile", "--no-progress")
+    assert resumed.exit_code == 0, resumed.output
+    assert "trained 20 steps" in resumed.output and "run folder: runs/gan-grid25" in resumed.output
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["--gan-loss", "least-squares"], "--gan-loss must be"),
     (["--lr-schedule", "step"], "--lr-schedule must be"),
