@@ -25,18 +25,10 @@ Seven choices, each measured on the 2-core CPU of bench/README.md:
    An input that breaks it is still refused: torch raises "Recompilation
    triggered" instead of running the wrong graph (tests/test_compilation.py),
    and tests/test_train.py checks that a run builds one graph and matches eager.
-4. The CPU vector-ISA probe, done once per cache directory: before its first
-   CPU kernel Inductor checks which SIMD instruction sets (AVX2, AVX-512, ...)
-   the compiler and CPU support by building and loading a test library in a
-   child process for each, about 1.1 s in every process, warm cache or not.
-   `trusted_vector_isa` runs that probe once, records its verdict next to the
-   compile cache, and later processes take the CPU's flags for it (Inductor's
-   own `cpp.vec_isa_ok` switch) when they agree with the record. The switch is
-   passed with every compile, probed or not, because it is part of the cache key.
-   The switch does not cover AVX-512's bf16 and VNNI checks, which loaded their
-   test libraries in three child processes regardless (0.2 s of every warm
-   start); with a record those loads are skipped too (`vector_isas`). WGAN-GP
-   b256 warm compile, four probes each, alternating: 4.37-4.93 -> 4.25-4.62 s.
+4. The CPU vector-ISA probe, done once per cache directory (gen/vector_isa.py):
+   Inductor's check of which SIMD instruction sets the compiler and CPU support
+   costs about 1.1 s of every process, warm cache or not; gen records its verdict
+   next to the compile cache and later processes trust the CPU's flags.
 5. A C++ wrapper on the CPU (`cpp_wrapper`): the code that calls a compiled
    step's kernels and matmuls one after another is compiled C++ instead of
    Python. VAE b128: about 0.25 ms (6%) less a step; gan-2d's cold compile
@@ -95,23 +87,19 @@ pass trees through gen.tree's `leaves`/`with_leaves`. WGAN-GP b256's warm
 compile went from 5.9-6.7 to 4.9-5.4 s, cold from 29 to 26 s (interleaved probes).
 """
 
-import json
 import weakref
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from contextvars import ContextVar
-from pathlib import Path
 from typing import Callable, Iterator
-from unittest import mock
 
 import torch
 
-from gen import optim
+from gen import optim, vector_isa
 from gen.tree import Tree, leaves, tree_map
 
 # Inductor options of every step compiled for the CPU (4. and 5. above); part of the FX graph
 # cache's key, so the same in every process.
 CPU_OPTIONS = {"cpp.vec_isa_ok": True, "cpp_wrapper": True, "cpp_wrapper_build_separate": True}
-VECTOR_ISA_RECORD = "gen-vector-isa.json"
 
 
 def compile_step(step: Callable, device: torch.device | str, donate: bool = False,
@@ -122,7 +110,7 @@ def compile_step(step: Callable, device: torch.device | str, donate: bool = Fals
     on_cpu = torch.device(device).type == "cpu"
     options = None
     if on_cpu:
-        trusted_vector_isa()
+        vector_isa.trusted_vector_isa()
         # A step may override an option it cannot use (`step.inductor_options`, e.g. WGAN-GP's).
         options = {**CPU_OPTIONS, **getattr(step, "inductor_options", {})}
     if donate:
@@ -297,75 +285,3 @@ def steady() -> Iterator[None]:
             yield
     finally:
         _steady.reset(token)
-
-
-def trusted_vector_isa(cache_dir: str | Path | None = None) -> list[str]:
-    """The SIMD instruction sets Inductor will generate CPU code for, settled for this process.
-
-    First time in a cache directory (or after torch or the CPU changed): Inductor's
-    own probe runs, and if it confirms every set the CPU's flags claim, the list is
-    recorded in `cache_dir`/gen-vector-isa.json. With a matching record the probe is
-    skipped. Either way Inductor's in-process list of sets is left filled in, with
-    the probe's verdict where it ran, so the compile that follows uses it."""
-    from torch._inductor import cpu_vec_isa
-    from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir
-
-    record_path = Path(cache_dir or inductor_cache_dir()) / VECTOR_ISA_RECORD
-    identity = {"torch": torch.__version__, "cpu_flags": sorted(cpu_vec_isa.x86_isa_checker())}
-    try:
-        record = json.loads(record_path.read_text())
-    except (OSError, ValueError):
-        record = None
-    if isinstance(record, dict) and {key: record.get(key) for key in identity} == identity:
-        claimed = vector_isas(probe=False, trust_loads=True)
-        if record.get("isas") == claimed:
-            return claimed
-    claimed = vector_isas(probe=False)
-    probed = vector_isas(probe=True)
-    if probed == claimed:
-        try:
-            record_path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = record_path.with_name(f".{record_path.name}.tmp")
-            temporary.write_text(json.dumps({**identity, "isas": probed}) + "\n")
-            temporary.replace(record_path)
-        except OSError:
-            pass  # a read-only cache: the probe simply runs again next time
-    return probed
-
-
-def vector_isas(probe: bool, trust_loads: bool = False) -> list[str]:
-    """Inductor's list of usable SIMD sets, each with the extensions it found ("avx512+avx512_bf16"):
-    from the CPU's flags alone, or, with `probe`, also built and loaded as test libraries. Its
-    cached list is replaced by this answer.
-
-    `cpp.vec_isa_ok` (the flags alone) skips the load of each set's test library, but not those
-    of AVX-512's bf16 and VNNI checks: three child processes, 0.2 s of every warm start here.
-    With `trust_loads` (for a cache directory whose record says they loaded before) those loads
-    are taken as done; the libraries are still built (from the compile cache), so a compiler that
-    cannot build an extension still drops it. The extensions' verdicts are cached per set, so
-    they are redone here, except by a probe, which reuses the ones just made (the same libraries,
-    loaded) as Inductor's own sequence does."""
-    from torch._inductor import config, cpu_vec_isa
-    cpu_vec_isa.valid_vec_isa_list.cache_clear()
-    if not probe:
-        forget_extension_verdicts()
-    loads = mock.patch.object(cpu_vec_isa.VecISA, "_probe_load", lambda self, path: True) if trust_loads \
-        else nullcontext()
-    with config.patch({"cpp.vec_isa_ok": None if probe else True}), loads:
-        return [isa_name(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]
-
-
-def forget_extension_verdicts() -> None:
-    """Clear Inductor's per-set cache of extension verdicts (each set class's cached __bool__),
-    as a new process starts without them."""
-    from torch._inductor import cpu_vec_isa
-    for isa in cpu_vec_isa.supported_vec_isa_list:
-        for cls in type(isa).__mro__:
-            getattr(vars(cls).get("__bool__"), "cache_clear", lambda: None)()
-
-
-def isa_name(isa) -> str:
-    """"avx512", with "+avx512_bf16" and the like for each extension Inductor found usable."""
-    extensions = sorted(name[len("_is_"):-len("_supported")] for name, value in vars(isa).items()
-                        if name.startswith("_is_") and name.endswith("_supported") and value)
-    return "+".join([str(isa), *extensions])

@@ -1,8 +1,7 @@
-"""gen/compilation.py: the vector-ISA probe runs once per cache directory; steady() skips guards
-and a warm compile_step step calls its graph directly; convolution states go channels-last on the CPU."""
+"""gen/compilation.py: steady() skips guards and a warm compile_step step calls its graph directly;
+convolution states go channels-last on the CPU."""
 
 import gc
-import json
 import weakref
 
 import pytest
@@ -11,65 +10,6 @@ import torch
 from gen import compilation, models
 from gen.config import Config, resolve
 from gen.tree import flatten, leaves
-
-
-def spy_on_probes(monkeypatch) -> list[bool]:
-    """Record every vector_isas call's `probe` argument, still running the real thing."""
-    calls, real = [], compilation.vector_isas
-
-    def spy(probe, trust_loads=False):
-        calls.append(probe)
-        return real(probe, trust_loads)
-    monkeypatch.setattr(compilation, "vector_isas", spy)
-    return calls
-
-
-def test_vector_isa_probe_runs_once_per_cache_directory(tmp_path, monkeypatch):
-    calls = spy_on_probes(monkeypatch)
-    first = compilation.trusted_vector_isa(tmp_path)
-    assert True in calls  # nothing recorded yet: Inductor's probe ran
-    record = json.loads((tmp_path / compilation.VECTOR_ISA_RECORD).read_text())
-    assert record["isas"] == first == compilation.vector_isas(probe=False)
-    assert record["torch"] == torch.__version__
-
-    calls.clear()
-    assert compilation.trusted_vector_isa(tmp_path) == first
-    assert calls == [False]  # the record matched: the CPU's flags were taken, no probe
-
-    (tmp_path / compilation.VECTOR_ISA_RECORD).write_text(json.dumps({**record, "torch": "0.0"}))
-    calls.clear()
-    compilation.trusted_vector_isa(tmp_path)
-    assert calls == [False, True]  # another torch wrote the record: probe again
-    assert json.loads((tmp_path / compilation.VECTOR_ISA_RECORD).read_text())["torch"] == torch.__version__
-
-
-def test_a_recorded_verdict_loads_no_test_library(tmp_path, monkeypatch):
-    """With a matching record nothing is loaded in a child process, AVX-512's bf16 and VNNI
-    checks included (they loaded theirs even under cpp.vec_isa_ok: 0.2 s of every warm start)."""
-    from torch._inductor import cpu_vec_isa
-
-    first = compilation.trusted_vector_isa(tmp_path)  # probed and recorded
-    loads, real_load = [], cpu_vec_isa.VecISA._probe_load
-
-    def counted_load(isa, path):
-        loads.append(path)
-        return real_load(isa, path)
-    monkeypatch.setattr(cpu_vec_isa.VecISA, "_probe_load", counted_load)
-    compilation.forget_extension_verdicts()  # as in a new process: no verdict cached yet
-    assert compilation.trusted_vector_isa(tmp_path) == first
-    assert loads == []
-    assert compilation.vector_isas(probe=False) == first  # without the record's trust ...
-    if any("+" in name for name in first):  # ... a CPU with such extensions loads their libraries
-        assert loads
-
-
-def test_a_disagreeing_probe_is_not_recorded_and_wins(tmp_path, monkeypatch):
-    """A CPU flag the compiler cannot build for (the probe drops it) must never be trusted."""
-    def vector_isas(probe, trust_loads=False):
-        return ["avx2"] if probe else ["avx512", "avx2"]
-    monkeypatch.setattr(compilation, "vector_isas", vector_isas)
-    assert compilation.trusted_vector_isa(tmp_path) == ["avx2"]
-    assert not (tmp_path / compilation.VECTOR_ISA_RECORD).exists()
 
 
 def test_steady_runs_the_one_graph_and_refuses_to_recompile():
