@@ -86,7 +86,7 @@ def train(
     """Train MODEL and write a run folder: checkpoint, config, metrics, samples.png, loss.png."""
     from dataclasses import replace
 
-    from gen import checkpoint
+    from gen import checkpoint, data as datasets
     from gen.config import Config
     from gen.train import CHECKPOINT, train as run_training
 
@@ -105,11 +105,14 @@ def train(
             if metadata["model"] != model:
                 fail(f"{out} holds a '{metadata['model']}' run, not '{model}': resume it as {metadata['model']}")
             config = Config.from_dict(metadata["config"])
-            if data is not None and data != config.data:
+            named_sets = datasets.IMAGE_SETS + datasets.TOY_SETS
+            if data is not None and data != config.data and (data in named_sets or config.data in named_sets):
                 fail(f"{out} holds a run on '{config.data}', not '{data}': resume it with --data {config.data} "
                      f"or without --data")
             length = {"epochs": epochs, "steps": steps} if (epochs or steps) else {}
-            moved = {"data_dir": data_dir} if data_dir is not None else {}  # the data files may have moved
+            # The data files may have moved: a new --data-dir, or a run's IDX directory given anew.
+            moved = {**({"data_dir": data_dir} if data_dir is not None else {}),
+                     **({"data": data} if data is not None else {})}
             config = replace(config, compile=compile, device=device, log_every=log_every,
                              sample_every=sample_every, **length, **moved)
         else:

@@ -58,6 +58,9 @@ def load(name: str, data_dir: str | None = None, seed: int = 0) -> Dataset:
     path = Path(name)
     if path.is_dir():
         return load_idx_dir(path, path.name)
+    if len(path.parts) > 1:  # a path, not a misspelt name (e.g. a run's IDX directory that has moved)
+        raise DataError(f"data directory '{name}' does not exist: give --data the directory that holds "
+                        "the IDX files")
     raise DataError(f"unknown data set '{name}': use one of {', '.join(IMAGE_SETS + TOY_SETS)} "
                     "or a directory holding IDX files")
 

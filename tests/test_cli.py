@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from gen import data
+from idx_files import write_idx_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -77,6 +78,7 @@ def test_resume_extends_a_run(run, tmp_path):
 @pytest.mark.parametrize("args, fragment", [
     (["train", "nope"], "unknown model 'nope'"),
     (["train", "vae", "--data", "nope"], "unknown data set 'nope'"),
+    (["train", "vae", "--data", "/nonexistent/idx"], "data directory '/nonexistent/idx' does not exist"),
     (["train", "vae", "--data", "mnist", "--data-dir", "/nonexistent"], "mnist not found"),
     (["train", "vae", "--data", "ring8"], "trains on images"),
     (["train", "vae", "--batch-size", "5000"], "exceeds the 1500 training examples"),
@@ -143,6 +145,23 @@ def test_gan_run_reports_its_own_losses_and_mode_coverage(tmp_path):
     config = (out / "config.json").read_text()
     assert '"hidden_dim": 32' in config and '"pack": 2' in config and '"decay_steps": 30' in config
     assert (out / "loss.png").stat().st_size > 0
+
+
+def test_resume_follows_a_moved_idx_directory(tmp_path):
+    """A run on a directory of IDX files resumes with the directory's new path as --data."""
+    (tmp_path / "old").mkdir()
+    old_place = write_idx_dir(tmp_path / "old", n_train=40, size=8)
+    out = tmp_path / "run"
+    first = gen("train", "vae", "--data", old_place, "--batch-size", 8, "--steps", 4, "--no-compile",
+                "--no-progress", "--out", out)
+    assert first.exit_code == 0, first.output
+    new_place = old_place.rename(tmp_path / "new")
+    assert_one_line_error(gen("train", "vae", "--resume", "--out", out, "--steps", 8, "--no-compile",
+                              "--no-progress"), "does not exist: give --data the directory")
+    resumed = gen("train", "vae", "--resume", "--out", out, "--data", new_place, "--steps", 8, "--no-compile",
+                  "--no-progress")
+    assert resumed.exit_code == 0, resumed.output
+    assert "trained 8 steps" in resumed.output and str(new_place) in (out / "config.json").read_text()
 
 
 def test_resume_without_out_finds_the_default_run_folder(tmp_path, monkeypatch):

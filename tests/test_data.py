@@ -1,29 +1,11 @@
 """Data sets: embedded digits, IDX parsing (good and malformed files), toy mixtures, batching."""
 
-import gzip
-import struct
-
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 from gen import data
-
-
-def write_idx(path, array: torch.Tensor, compress=False):
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    raw = header + array.to(torch.uint8).numpy().tobytes()
-    path.write_bytes(gzip.compress(raw) if compress else raw)
-
-
-def write_idx_dir(directory, n_train=20, n_test=10, compress=False, size=28):
-    suffix = ".gz" if compress else ""
-    g = torch.Generator().manual_seed(0)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        write_idx(directory / f"{prefix}-images-idx3-ubyte{suffix}", torch.randint(0, 256, (n, size, size), generator=g),
-                  compress)
-        write_idx(directory / f"{prefix}-labels-idx1-ubyte{suffix}", torch.randint(0, 10, (n,), generator=g), compress)
-    return directory
+from idx_files import write_idx, write_idx_dir
 
 
 def test_digits_are_embedded_split_and_scaled():
