@@ -52,6 +52,18 @@ def save(path: str | Path, state: Tree, metadata: dict) -> None:
     _fsync_directory(path.parent)
 
 
+def write_text(path: str | Path, text: str) -> None:
+    """Replace the file at `path` with `text` the same atomic way (a run's JSON files, the bench's
+    results): written beside it, then renamed over it, so no reader or crash sees half a file."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def read_metadata(path: str | Path) -> dict:
     """The JSON metadata alone, without reading the tensors."""
     return _open(Path(path))[1]

@@ -274,15 +274,9 @@ def _restart_metrics(path: Path, start_step: int) -> list[dict]:
         if row.get("step", math.inf) <= start_step:
             rows.append(row)
     text = "".join(json.dumps(row) + "\n" for row in rows)
-    _write_text(path, text)
+    checkpoint.write_text(path, text)
     return rows
 
 
 def _write_json(path: Path, value: dict) -> None:
-    _write_text(path, json.dumps(value, indent=2) + "\n")
-
-
-def _write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    temporary.replace(path)
+    checkpoint.write_text(path, json.dumps(value, indent=2) + "\n")

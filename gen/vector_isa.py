@@ -24,6 +24,8 @@ from unittest import mock
 
 import torch
 
+from gen import checkpoint
+
 VECTOR_ISA_RECORD = "gen-vector-isa.json"
 
 
@@ -53,9 +55,7 @@ def trusted_vector_isa(cache_dir: str | Path | None = None) -> list[str]:
     if probed == claimed:
         try:
             record_path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = record_path.with_name(f".{record_path.name}.tmp")
-            temporary.write_text(json.dumps({**identity, "isas": probed}) + "\n")
-            temporary.replace(record_path)
+            checkpoint.write_text(record_path, json.dumps({**identity, "isas": probed}) + "\n")
         except OSError:
             pass  # a read-only cache: the probe simply runs again next time
     return probed

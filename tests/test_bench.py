@@ -144,6 +144,15 @@ def test_unknown_mode_and_model_are_one_line_errors():
         bench.available_models(["gpt"])
 
 
+def test_a_json_path_that_cannot_be_written_is_refused_before_the_run(tmp_path, monkeypatch):
+    """Checked first: a bad --json must not cost the user a whole benchmark run's results."""
+    monkeypatch.setattr(harness, "run", lambda *args, **kwargs: pytest.fail("the run started"))
+    with pytest.raises(ValueError, match="directory .*missing does not exist: create it"):
+        harness.main(models=["gan-2d"], json_path=str(tmp_path / "missing" / "bench.json"))
+    with pytest.raises(ValueError, match="is a directory: give a file name"):
+        harness.main(models=["gan-2d"], json_path=str(tmp_path))
+
+
 # --- robustness: what a run on a machine nobody can debug relies on --------------------
 
 

@@ -65,6 +65,24 @@ def test_failed_write_leaves_the_old_checkpoint_intact(saved, monkeypatch):
     assert list(path.parent.iterdir()) == [path]
 
 
+def test_write_text_replaces_a_file_whole_or_not_at_all(tmp_path, monkeypatch):
+    """The run's JSON files and the bench's results are written the same atomic way."""
+    path = tmp_path / "results.json"
+    checkpoint.write_text(path, "old\n")
+    checkpoint.write_text(path, "new\n")
+    assert path.read_text() == "new\n" and list(tmp_path.iterdir()) == [path]
+
+    real_write = type(path).write_text
+
+    def crash(self, text, *args, **kwargs):
+        real_write(self, text[:2])
+        raise OSError("disk full")
+    monkeypatch.setattr(type(path), "write_text", crash)
+    with pytest.raises(OSError):
+        checkpoint.write_text(path, "newer\n")
+    assert path.read_text() == "new\n" and list(tmp_path.iterdir()) == [path]
+
+
 def corrupt(path, kind):
     raw = path.read_bytes()
     if kind == "truncated":

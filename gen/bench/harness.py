@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from gen import models
+from gen import checkpoint, models
 from gen.bench.compile_time import compile_seconds
 from gen.bench.machine import fastest, keep_freed_memory, machine, matmul_samplers, peak_memory_mb, time_mode
 from gen.bench.modes import CUDA_MODES, EXTRA_MODES, MODELS, MODES, PEERS_DIR, flops_per_step, load_peers, \
@@ -373,6 +373,12 @@ def main(models: list[str] | None = None, batch_sizes: list[int] | None = None, 
         raise ValueError("--batch-size must be at least 1")
     if time_budget is not None and time_budget <= 0:
         raise ValueError("--time-budget must be positive")
+    if json_path:  # checked now, not after the run has been timed
+        target = Path(json_path)
+        if target.is_dir():
+            raise ValueError(f"--json {json_path} is a directory: give a file name, e.g. {target / 'bench.json'}")
+        if not target.parent.is_dir():
+            raise ValueError(f"--json: the directory {target.parent} does not exist: create it or write elsewhere")
     deadline = None if time_budget is None else time.monotonic() + time_budget
     torch_device = resolve_device(device)
     keep_freed_memory()
@@ -383,7 +389,7 @@ def main(models: list[str] | None = None, batch_sizes: list[int] | None = None, 
     def write(results: list[dict], complete: bool) -> None:
         if json_path:
             info["complete"] = complete
-            Path(json_path).write_text(json.dumps({"machine": info, "results": results}, indent=2) + "\n")
+            checkpoint.write_text(json_path, json.dumps({"machine": info, "results": results}, indent=2) + "\n")
 
     results: list[dict] = []
 
