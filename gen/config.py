@@ -85,6 +85,7 @@ def validate(config: Config) -> None:
         (config.gan_loss in (None, "minimax", "non-saturating", "wasserstein", "hinge"),
          "--gan-loss must be minimax, non-saturating, wasserstein or hinge"),
         (config.gp_weight >= 0, "--gp-weight must be non-negative"),
+        (config.latent_dim is None or config.latent_dim >= 1, "--latent-dim must be at least 1"),
         (config.hidden_dim is None or config.hidden_dim >= 1, "--hidden-dim must be at least 1"),
         (config.n_critic is None or config.n_critic >= 1, "--n-critic must be at least 1"),
         (config.pack is None or config.pack >= 1, "--pack must be at least 1"),

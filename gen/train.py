@@ -69,6 +69,8 @@ def train(config: Config, out: str | Path, resume: bool = False, show_progress: 
     config, family, dataset = prepare(config)
     out = Path(out)
     checkpoint_path = out / CHECKPOINT
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a run folder: choose a directory")
     if checkpoint_path.exists() and not resume:
         raise ValueError(f"{out} already holds a checkpoint: pass --resume to continue it or choose another --out")
     if resume and not checkpoint_path.exists():
@@ -93,7 +95,10 @@ def train(config: Config, out: str | Path, resume: bool = False, show_progress: 
         if start_step >= total_steps:
             raise ValueError(f"{out} is already trained for {start_step} steps: raise --epochs or --steps to "
                              "train further")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"cannot create the run folder {out} ({error.strerror}): choose another --out") from None
     _write_json(out / "config.json", config.to_dict())
     history = _restart_metrics(out / "metrics.jsonl", start_step)
     metadata = {"model": config.model, "config": config.to_dict(), "data_kind": dataset.kind,

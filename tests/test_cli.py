@@ -84,6 +84,7 @@ def test_resume_extends_a_run(run, tmp_path):
     (["train", "vae", "--batch-size", "5000"], "exceeds the 1500 training examples"),
     (["train", "vae", "--beta", "4", "--iwae-k", "5"], "drop one of the two"),
     (["train", "vae", "--lr", "-1"], "--lr must be positive"),
+    (["train", "vae", "--latent-dim", "0"], "--latent-dim must be at least 1"),
     (["train", "vae", "--epochs", "2", "--steps", "3"], "not both"),
     (["train", "vae", "--device", "tpu"], "unknown device 'tpu'"),
     (["train", "vae", "--precision", "fp16"], "--precision must be float32 or bf16"),
@@ -125,6 +126,10 @@ def test_resume_refuses_to_change_what_the_run_trains(run, args, fragment):
 
 def test_existing_run_wrong_model_and_bad_output_name(run, tmp_path):
     assert_one_line_error(gen("train", "vae", "--out", run, "--no-compile"), "already holds a checkpoint")
+    assert_one_line_error(gen("train", "vae", "--out", run / "config.json", "--no-compile"),
+                          "is a file, not a run folder")
+    assert_one_line_error(gen("train", "vae", "--steps", 1, "--out", run / "config.json" / "deeper", "--no-compile"),
+                          "cannot create the run folder")
     assert_one_line_error(gen("train", "conv-vae", "--resume", "--out", run), "holds a 'vae' run")
     assert_one_line_error(gen("sample", run, "--out", tmp_path / "x.jpg"), "must end in .png or .safetensors")
     assert_one_line_error(gen("sample", run, "--n", "0", "--out", tmp_path / "x.png"), "--n must be at least 1")
