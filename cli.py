@@ -6,6 +6,7 @@ line on stderr and exit status 1, never a traceback.
 """
 
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -158,8 +159,7 @@ def sample(
 
 
 def write_samples(source: Path, n: int, out: Path, seed: int, device: str) -> None:
-    import os
-
+    import torch
     from safetensors.torch import save_file
 
     from gen import checkpoint, data, models, plots, rng
@@ -179,18 +179,37 @@ def write_samples(source: Path, n: int, out: Path, seed: int, device: str) -> No
     shape = tuple(metadata["shape"])
     template = to_device(family.init(config, shape, config.seed), resolve_device(device))
     state = checkpoint.conform(path, loaded, template)
-    samples = family.generate(state, config, shape, n, rng.generator(seed, "sample")).cpu()
+    too_many = f"not enough memory for {n:,} samples at once: ask for fewer with --n"
+    if n * math.prod(shape) * 4 > physical_memory_bytes():  # float32 samples alone would not fit
+        raise ValueError(too_many)
     out.parent.mkdir(parents=True, exist_ok=True)
     temporary = out.with_name(f".{out.name}.tmp{out.suffix}")
-    if out.suffix == ".safetensors":
-        save_file({"samples": samples.contiguous()}, temporary,
-                  metadata={"model": metadata["model"], "step": str(metadata["step"])})
-    elif metadata["data_kind"] == "image":
-        plots.image_grid(samples, temporary, scale=plots.upscale_for_viewing(shape[-1]))
-    else:
-        reference = data.load(config.data, config.data_dir, config.seed).test[:n]
-        plots.scatter(samples, temporary, reference=reference, title=f"{config.model}, step {metadata['step']}")
-    os.replace(temporary, out)
+    try:
+        samples = family.generate(state, config, shape, n, rng.generator(seed, "sample")).cpu()
+        if out.suffix == ".safetensors":
+            save_file({"samples": samples.contiguous()}, temporary,
+                      metadata={"model": metadata["model"], "step": str(metadata["step"])})
+        elif metadata["data_kind"] == "image":
+            plots.image_grid(samples, temporary, scale=plots.upscale_for_viewing(shape[-1]))
+        else:
+            reference = data.load(config.data, config.data_dir, config.seed).test[:n]
+            plots.scatter(samples, temporary, reference=reference, title=f"{config.model}, step {metadata['step']}")
+        os.replace(temporary, out)
+    except (RuntimeError, MemoryError) as error:
+        # The allocators' out-of-memory errors (the CPU's RuntimeError says "can't allocate memory").
+        if not (isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "allocate" in str(error)):
+            raise
+        raise ValueError(too_many) from None
+    finally:
+        temporary.unlink(missing_ok=True)  # a write that failed leaves nothing behind
+
+
+def physical_memory_bytes() -> float:
+    """This machine's RAM (infinite where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return math.inf
 
 
 @app.command()

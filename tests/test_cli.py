@@ -133,6 +133,24 @@ def test_existing_run_wrong_model_and_bad_output_name(run, tmp_path):
     assert_one_line_error(gen("train", "conv-vae", "--resume", "--out", run), "holds a 'vae' run")
     assert_one_line_error(gen("sample", run, "--out", tmp_path / "x.jpg"), "must end in .png or .safetensors")
     assert_one_line_error(gen("sample", run, "--n", "0", "--out", tmp_path / "x.png"), "--n must be at least 1")
+    # 10^12 digits would take 256 TB: refused by the allocator, reported as one line, nothing written
+    assert_one_line_error(gen("sample", run, "--n", 10**12, "--out", tmp_path / "x.safetensors"),
+                          "not enough memory for 1,000,000,000,000 samples")
+    assert not list(tmp_path.glob("*x.*"))
+
+
+def test_an_allocator_out_of_memory_while_sampling_is_one_line(run, tmp_path, monkeypatch):
+    """Memory that runs out below the RAM check (other processes, the grid's image) is reported too."""
+    import cli
+    from gen import models
+    vae = models.get("vae")
+
+    def exhausted(*args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+    monkeypatch.setattr(models, "get", lambda name: vae._replace(generate=exhausted))
+    assert cli.physical_memory_bytes() > 64 * 64 * 4
+    assert_one_line_error(gen("sample", run, "--out", tmp_path / "x.png"), "not enough memory for 64 samples")
+    assert not list(tmp_path.iterdir())
 
 
 def test_gan_run_reports_its_own_losses_and_mode_coverage(tmp_path):
