@@ -130,6 +130,11 @@ def train(
         fail(str(interrupt) or "interrupted")
     except expected_errors() as error:
         fail(str(error))
+    except (RuntimeError, MemoryError) as error:
+        if not out_of_memory(error):
+            raise
+        fail("out of memory for this model and batch (checkpoints already written are kept): "
+             "start a run with a smaller --batch-size, --hidden-dim or --latent-dim")
     final = {k: round(v, 4) for k, v in summary["final"].items() if isinstance(v, float)}
     evaluation = {k: round(v, 4) if isinstance(v, float) else v for k, v in summary["evaluation"].items()
                   if k not in ("step", "epoch")}
@@ -159,7 +164,6 @@ def sample(
 
 
 def write_samples(source: Path, n: int, out: Path, seed: int, device: str) -> None:
-    import torch
     from safetensors.torch import save_file
 
     from gen import checkpoint, data, models, plots, rng
@@ -196,12 +200,18 @@ def write_samples(source: Path, n: int, out: Path, seed: int, device: str) -> No
             plots.scatter(samples, temporary, reference=reference, title=f"{config.model}, step {metadata['step']}")
         os.replace(temporary, out)
     except (RuntimeError, MemoryError) as error:
-        # The allocators' out-of-memory errors (the CPU's RuntimeError says "can't allocate memory").
-        if not (isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "allocate" in str(error)):
+        if not out_of_memory(error):
             raise
         raise ValueError(too_many) from None
     finally:
         temporary.unlink(missing_ok=True)  # a write that failed leaves nothing behind
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is an allocator running out of memory: CUDA's OutOfMemoryError, Python's
+    MemoryError, or the CPU allocator's RuntimeError ("DefaultCPUAllocator: can't allocate memory")."""
+    import torch
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(error)
 
 
 def physical_memory_bytes() -> float:

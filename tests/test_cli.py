@@ -153,6 +153,12 @@ def test_an_allocator_out_of_memory_while_sampling_is_one_line(run, tmp_path, mo
     assert not list(tmp_path.iterdir())
 
 
+def test_a_model_too_big_for_memory_is_one_line(tmp_path):
+    # a 10^10-wide hidden layer: 2.56 TB of encoder weights alone, refused by the allocator
+    assert_one_line_error(gen("train", "vae", "--hidden-dim", 10**10, "--steps", 1, "--no-compile", "--no-progress",
+                              "--out", tmp_path / "big"), "out of memory for this model and batch")
+
+
 def test_gan_run_reports_its_own_losses_and_mode_coverage(tmp_path):
     """A GAN logs d_loss/g_loss (no "loss"): they are its final metrics and its loss curves,
     and the mixture's mode coverage is its evaluation."""
