@@ -79,7 +79,8 @@ def train(
     precision: Annotated[str, typer.Option(help="float32 | bf16 (matmuls and convolutions in bfloat16: "
                                                 "faster where the CPU or GPU has bf16 units)")] = "float32",
     out: Annotated[Optional[Path], typer.Option(help="run folder (default runs/MODEL-DATA)")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out from its checkpoint")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out from its checkpoint, with its settings (only length, "
+                                     "device, compile, data location and logging may change)")] = False,
     log_every: Annotated[int, typer.Option(help="steps between metric lines")] = 50,
     sample_every: Annotated[int, typer.Option(help="steps between fixed-noise sample grids (0: off)")] = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="show a progress bar")] = True,
