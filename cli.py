@@ -33,9 +33,21 @@ def default_data(model: str) -> str:
     return "grid25" if model in ("gan", "wgan-gp", "sngan") else "digits"
 
 
+def absolute_directory(data: str) -> str:
+    """--data as the run keeps it: a directory of IDX files as an absolute path (so a resume from
+    another working directory finds it), a data set's name as it is."""
+    from gen.data import IMAGE_SETS, TOY_SETS
+    return str(Path(data).resolve()) if data not in IMAGE_SETS + TOY_SETS and Path(data).is_dir() else data
+
+
+def run_folder(model: str, data: str) -> Path:
+    """runs/MODEL-DATA: where a run goes, and where --resume looks, without --out."""
+    return Path("runs") / f"{model}-{Path(data).name or 'data'}"
+
+
 def default_out(model: str, data: str) -> Path:
-    """runs/MODEL-DATA, or -2, -3, ... when that run folder is taken: a new run never overwrites an old one."""
-    base = Path("runs") / f"{model}-{Path(data).name or 'data'}"
+    """run_folder, or -2, -3, ... when that is taken: a new run never overwrites an old one."""
+    base = run_folder(model, data)
     candidate, suffix = base, 2
     while candidate.exists():
         candidate, suffix = base.with_name(f"{base.name}-{suffix}"), suffix + 1
@@ -86,6 +98,7 @@ def train(
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="show a progress bar")] = True,
 ) -> None:
     """Train MODEL and write a run folder: checkpoint, config, metrics, samples.png, loss.png."""
+    arguments = dict(locals())  # the options as given, for --resume's check
     from dataclasses import replace
 
     from gen import checkpoint, data as datasets
@@ -94,31 +107,37 @@ def train(
 
     try:
         if resume:
-            # What the run trains (data, model, optimizer, precision, seed, ...) is fixed by its
-            # checkpoint; a resume may change only how long and where it runs, and how it reports.
-            # (By name: typer 0.29 carries its own copy of click's ParameterSource enum.)
-            fixed = [name for name in RUN_SETTINGS
-                     if getattr(context.get_parameter_source(name), "name", None) == "COMMANDLINE"]
-            if fixed:
-                fail(f"--{fixed[0].replace('_', '-')} cannot change when resuming: the run keeps the "
-                     f"settings in its checkpoint; leave it out, or start a new run with --out elsewhere")
-            out = out or Path("runs") / f"{model}-{Path(data or default_data(model)).name}"
+            out = out or run_folder(model, absolute_directory(data or default_data(model)))
             metadata = checkpoint.read_metadata(out / CHECKPOINT)
             if metadata["model"] != model:
                 fail(f"{out} holds a '{metadata['model']}' run, not '{model}': resume it as {metadata['model']}")
             config = Config.from_dict(metadata["config"])
+            # What the run trains (data, model, optimizer, precision, seed, ...) is fixed by its
+            # checkpoint; a resume may change only how long and where it runs, and how it reports.
+            # An option given with the run's own value changes nothing and passes. (The source is
+            # compared by name: typer 0.29 carries its own copy of click's ParameterSource enum.)
+            given = {name: value for name, value in arguments.items()
+                     if getattr(context.get_parameter_source(name), "name", None) == "COMMANDLINE"}
+            changed = [name for name in RUN_SETTINGS if name in given and given[name] != getattr(config, name)]
+            if changed:
+                name = changed[0]
+                fail(f"--{name.replace('_', '-')} cannot change when resuming: the run has "
+                     f"{getattr(config, name)}; leave it out, or start a new run with --out elsewhere")
             named_sets = datasets.IMAGE_SETS + datasets.TOY_SETS
             if data is not None and data != config.data and (data in named_sets or config.data in named_sets):
                 fail(f"{out} holds a run on '{config.data}', not '{data}': resume it with --data {config.data} "
                      f"or without --data")
-            length = {"epochs": epochs, "steps": steps} if (epochs or steps) else {}
+            if data is None and config.data not in named_sets and not Path(config.data).is_dir():
+                fail(f"the run's data directory '{config.data}' no longer exists: give its new place as --data")
+            # A new length replaces the old one, in its own unit (0 is refused by validation, not dropped).
+            length = {"epochs": epochs, "steps": steps} if (epochs is not None or steps is not None) else {}
             # The data files may have moved: a new --data-dir, or a run's IDX directory given anew.
             moved = {**({"data_dir": data_dir} if data_dir is not None else {}),
-                     **({"data": data} if data is not None else {})}
+                     **({"data": absolute_directory(data)} if data is not None else {})}
             config = replace(config, compile=compile, device=device, log_every=log_every,
                              sample_every=sample_every, **length, **moved)
         else:
-            data = data or default_data(model)
+            data = absolute_directory(data or default_data(model))
             config = Config(model=model, data=data, data_dir=data_dir, epochs=epochs, steps=steps,
                             batch_size=batch_size, optimizer=optimizer, lr=lr, seed=seed, beta=beta,
                             iwae_k=iwae_k, latent_dim=latent_dim, hidden_dim=hidden_dim, lr_schedule=lr_schedule,
@@ -210,17 +229,26 @@ def write_samples(source: Path, n: int, out: Path, seed: int, device: str) -> No
 
 def out_of_memory(error: BaseException) -> bool:
     """Whether `error` is an allocator running out of memory: CUDA's OutOfMemoryError, Python's
-    MemoryError, or the CPU allocator's RuntimeError ("DefaultCPUAllocator: can't allocate memory")."""
+    MemoryError, or another allocator's RuntimeError (the CPU's "DefaultCPUAllocator: can't
+    allocate memory", or "not enough memory" on Windows; MPS's "out of memory")."""
     import torch
-    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(error)
+    message = str(error)
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or any(
+        words in message for words in ("can't allocate memory", "not enough memory", "out of memory"))
 
 
 def physical_memory_bytes() -> float:
-    """This machine's RAM (infinite where the OS does not say)."""
+    """The memory this process may use: the machine's RAM, or less under a cgroup (container)
+    limit; infinite where the OS says neither."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
-        return math.inf
+        ram = math.inf
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()  # cgroup v2; "max": no limit
+    except OSError:
+        return ram
+    return min(ram, int(limit)) if limit.isdigit() else ram
 
 
 @app.command()

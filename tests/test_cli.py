@@ -114,14 +114,27 @@ def test_corrupt_checkpoint_is_refused_and_left_alone(run, tmp_path):
 @pytest.mark.parametrize("args, fragment", [
     (["--lr", "0.01"], "--lr cannot change when resuming"),
     (["--precision", "bf16"], "--precision cannot change when resuming"),
-    (["--seed", "0"], "--seed cannot change when resuming"),  # even when it names the default
+    (["--seed", "1"], "--seed cannot change when resuming: the run has 0"),
+    (["--steps", "0"], "--steps must be at least 1"),  # refused like a new run's, not dropped
     (["--data", "fashion-mnist"], "holds a run on 'digits', not 'fashion-mnist'"),
 ])
 def test_resume_refuses_to_change_what_the_run_trains(run, args, fragment):
     before = (run / "checkpoint.safetensors").read_bytes()
-    assert_one_line_error(gen("train", "vae", "--resume", "--out", run, "--steps", 30, "--no-compile",
+    length = [] if "--steps" in args else ["--steps", 30]
+    assert_one_line_error(gen("train", "vae", "--resume", "--out", run, *length, "--no-compile",
                               "--no-progress", *args), fragment)
     assert (run / "checkpoint.safetensors").read_bytes() == before
+
+
+def test_resume_accepts_options_that_restate_the_run(run, tmp_path):
+    """The same command line plus --resume (a train-or-resume script) changes nothing, so it runs."""
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for file in run.iterdir():
+        (copy / file.name).write_bytes(file.read_bytes())
+    result = gen("train", "vae", "--resume", "--out", copy, "--steps", 30, "--seed", 0, "--batch-size", 128,
+                 "--lr", 0.001, "--data", "digits", "--no-compile", "--no-progress")
+    assert result.exit_code == 0, result.output
 
 
 def test_existing_run_wrong_model_and_bad_output_name(run, tmp_path):
@@ -142,7 +155,7 @@ def test_existing_run_wrong_model_and_bad_output_name(run, tmp_path):
 def test_an_allocator_out_of_memory_while_sampling_is_one_line(run, tmp_path, monkeypatch):
     """Memory that runs out below the RAM check (other processes, the grid's image) is reported too."""
     import cli
-    from gen import models
+    from gen import models, plots
     vae = models.get("vae")
 
     def exhausted(*args):
@@ -152,11 +165,25 @@ def test_an_allocator_out_of_memory_while_sampling_is_one_line(run, tmp_path, mo
     assert_one_line_error(gen("sample", run, "--out", tmp_path / "x.png"), "not enough memory for 64 samples")
     assert not list(tmp_path.iterdir())
 
+    def half_written(samples, path, **kwargs):  # the picture's writer runs out halfway
+        path.write_bytes(b"\x89PNG half")
+        raise MemoryError
+    monkeypatch.setattr(models, "get", lambda name: vae)
+    monkeypatch.setattr(plots, "image_grid", half_written)
+    assert_one_line_error(gen("sample", run, "--out", tmp_path / "x.png"), "not enough memory for 64 samples")
+    assert not list(tmp_path.iterdir())  # no temporary file left behind
 
-def test_a_model_too_big_for_memory_is_one_line(tmp_path):
-    # a 10^10-wide hidden layer: 2.56 TB of encoder weights alone, refused by the allocator
-    assert_one_line_error(gen("train", "vae", "--hidden-dim", 10**10, "--steps", 1, "--no-compile", "--no-progress",
-                              "--out", tmp_path / "big"), "out of memory for this model and batch")
+
+def test_a_model_too_big_for_memory_is_one_line(tmp_path, monkeypatch):
+    """The allocator's refusal, simulated: a real one depends on the machine's overcommit policy."""
+    from gen import models
+    vae = models.get("vae")
+
+    def exhausted(*args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+    monkeypatch.setattr(models, "get", lambda name: vae._replace(init=exhausted))
+    assert_one_line_error(gen("train", "vae", "--steps", 1, "--no-compile", "--no-progress", "--out", tmp_path / "big"),
+                          "out of memory for this model and batch")
 
 
 def test_gan_run_reports_its_own_losses_and_mode_coverage(tmp_path):
@@ -186,11 +213,30 @@ def test_resume_follows_a_moved_idx_directory(tmp_path):
     assert first.exit_code == 0, first.output
     new_place = old_place.rename(tmp_path / "new")
     assert_one_line_error(gen("train", "vae", "--resume", "--out", out, "--steps", 8, "--no-compile",
-                              "--no-progress"), "does not exist: give --data the directory")
+                              "--no-progress"), "no longer exists: give its new place as --data")
     resumed = gen("train", "vae", "--resume", "--out", out, "--data", new_place, "--steps", 8, "--no-compile",
                   "--no-progress")
     assert resumed.exit_code == 0, resumed.output
     assert "trained 8 steps" in resumed.output and str(new_place) in (out / "config.json").read_text()
+
+
+def test_a_relative_idx_directory_is_kept_as_an_absolute_path(tmp_path, monkeypatch):
+    """`--data idx` from one directory, `--resume` from another: the run still finds its data."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "idx").mkdir()
+    write_idx_dir(tmp_path / "idx", n_train=40, size=8)
+    first = gen("train", "vae", "--data", "idx", "--batch-size", 8, "--steps", 4, "--no-compile", "--no-progress")
+    assert first.exit_code == 0, first.output
+    assert "run folder: runs/vae-idx" in first.output
+    monkeypatch.chdir(tmp_path / "runs")
+    resumed = gen("train", "vae", "--resume", "--out", "vae-idx", "--steps", 8, "--no-compile", "--no-progress")
+    assert resumed.exit_code == 0, resumed.output
+
+    monkeypatch.chdir(tmp_path / "idx")  # `--data .`: a new run and its resume agree on the folder
+    dot = gen("train", "vae", "--data", ".", "--batch-size", 8, "--steps", 4, "--no-compile", "--no-progress")
+    assert dot.exit_code == 0 and "run folder: runs/vae-idx" in dot.output, dot.output
+    resumed = gen("train", "vae", "--data", ".", "--resume", "--steps", 8, "--no-compile", "--no-progress")
+    assert resumed.exit_code == 0 and "trained 8 steps" in resumed.output, resumed.output
 
 
 def test_resume_without_out_finds_the_default_run_folder(tmp_path, monkeypatch):
