@@ -36,8 +36,8 @@ def default_data(model: str) -> str:
 def absolute_directory(data: str) -> str:
     """--data as the run keeps it: a directory of IDX files as an absolute path (so a resume from
     another working directory finds it), a data set's name as it is."""
-    from gen.data import IMAGE_SETS, TOY_SETS
-    return str(Path(data).resolve()) if data not in IMAGE_SETS + TOY_SETS and Path(data).is_dir() else data
+    from gen.data import NAMED_SETS
+    return str(Path(data).resolve()) if data not in NAMED_SETS and Path(data).is_dir() else data
 
 
 def run_folder(model: str, data: str) -> Path:
@@ -123,7 +123,7 @@ def train(
                 name = changed[0]
                 fail(f"--{name.replace('_', '-')} cannot change when resuming: the run has "
                      f"{getattr(config, name)}; leave it out, or start a new run with --out elsewhere")
-            named_sets = datasets.IMAGE_SETS + datasets.TOY_SETS
+            named_sets = datasets.NAMED_SETS
             if data is not None and data != config.data and (data in named_sets or config.data in named_sets):
                 fail(f"{out} holds a run on '{config.data}', not '{data}': resume it with --data {config.data} "
                      f"or without --data")
@@ -207,24 +207,22 @@ def write_samples(source: Path, n: int, out: Path, seed: int, device: str) -> No
     if n * math.prod(shape) * 4 > physical_memory_bytes():  # float32 samples alone would not fit
         raise ValueError(too_many)
     out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(f".{out.name}.tmp{out.suffix}")
     try:
         samples = family.generate(state, config, shape, n, rng.generator(seed, "sample")).cpu()
-        if out.suffix == ".safetensors":
-            save_file({"samples": samples.contiguous()}, temporary,
-                      metadata={"model": metadata["model"], "step": str(metadata["step"])})
-        elif metadata["data_kind"] == "image":
-            plots.image_grid(samples, temporary, scale=plots.upscale_for_viewing(shape[-1]))
-        else:
-            reference = data.load(config.data, config.data_dir, config.seed).test[:n]
-            plots.scatter(samples, temporary, reference=reference, title=f"{config.model}, step {metadata['step']}")
-        os.replace(temporary, out)
+        with checkpoint.replacing(out) as temporary:  # a write that fails leaves nothing behind
+            if out.suffix == ".safetensors":
+                save_file({"samples": samples.contiguous()}, temporary,
+                          metadata={"model": metadata["model"], "step": str(metadata["step"])})
+            elif metadata["data_kind"] == "image":
+                plots.image_grid(samples, temporary, scale=plots.upscale_for_viewing(shape[-1]))
+            else:
+                reference = data.load(config.data, config.data_dir, config.seed).test[:n]
+                plots.scatter(samples, temporary, reference=reference,
+                              title=f"{config.model}, step {metadata['step']}")
     except (RuntimeError, MemoryError) as error:
         if not out_of_memory(error):
             raise
         raise ValueError(too_many) from None
-    finally:
-        temporary.unlink(missing_ok=True)  # a write that failed leaves nothing behind
 
 
 def out_of_memory(error: BaseException) -> bool:

@@ -15,7 +15,9 @@ with a one-line message.
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -41,27 +43,31 @@ def save(path: str | Path, state: Tree, metadata: dict) -> None:
         "format_version": FORMAT_VERSION,
         "gen": json.dumps({**metadata, "gen_version": gen.__version__, "torch_version": torch.__version__}),
     }
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with replacing(path) as temporary:
         save_file(tensors, temporary, metadata=header)
         with open(temporary, "rb+") as handle:
             os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
     _fsync_directory(path.parent)
 
 
-def write_text(path: str | Path, text: str) -> None:
-    """Replace the file at `path` with `text` the same atomic way (a run's JSON files, the bench's
-    results): written beside it, then renamed over it, so no reader or crash sees half a file."""
+@contextmanager
+def replacing(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` for the block to write; renamed over `path` when the block
+    ends, removed if it raises, so no reader or crash sees half a file. It keeps `path`'s suffix,
+    for writers that pick the format by it (matplotlib)."""
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
     try:
-        temporary.write_text(text)
+        yield temporary
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Replace the file at `path` with `text` atomically (a run's JSON files, the bench's results)."""
+    with replacing(path) as temporary:
+        temporary.write_text(text)
 
 
 def read_metadata(path: str | Path) -> dict:

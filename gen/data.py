@@ -24,6 +24,7 @@ from gen import rng
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 IMAGE_SETS = ("digits", "fashion-mnist", "mnist")
 TOY_SETS = ("ring8", "grid25", "moons", "swissroll")
+NAMED_SETS = IMAGE_SETS + TOY_SETS  # what --data may name; anything else is a directory of IDX files
 
 
 class DataError(Exception):
@@ -61,7 +62,7 @@ def load(name: str, data_dir: str | None = None, seed: int = 0) -> Dataset:
     if len(path.parts) > 1:  # a path, not a misspelt name (e.g. a run's IDX directory that has moved)
         raise DataError(f"data directory '{name}' does not exist: give --data the directory that holds "
                         "the IDX files")
-    raise DataError(f"unknown data set '{name}': use one of {', '.join(IMAGE_SETS + TOY_SETS)} "
+    raise DataError(f"unknown data set '{name}': use one of {', '.join(NAMED_SETS)} "
                     "or a directory holding IDX files")
 
 
