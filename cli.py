@@ -299,6 +299,8 @@ def bench(
 
 
 def main() -> None:
+    from gen import mkl_amd
+    mkl_amd.load()  # before anything imports torch; on AMD CPUs MKL's faster kernels, elsewhere nothing
     app()
 
 

@@ -21,6 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere in the checkout
 
+from gen import mkl_amd  # noqa: E402
+
+mkl_amd.load()  # before torch is imported, as `gen bench` does (gen/mkl_amd.py)
+
 from gen import bench  # noqa: E402
 
 

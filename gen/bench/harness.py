@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from gen import checkpoint, models
+from gen import checkpoint, mkl_amd, models
 from gen.bench.compile_time import compile_seconds
 from gen.bench.machine import fastest, keep_freed_memory, machine, matmul_samplers, peak_memory_mb, time_mode
 from gen.bench.modes import CUDA_MODES, EXTRA_MODES, MODELS, MODES, PEERS_DIR, flops_per_step, load_peers, \
@@ -329,6 +329,8 @@ def print_table(results: list[dict], machine_info: dict | None = None) -> None:
         title += f" — {machine_info['cpu']}, {machine_info['cores']} cores, torch {machine_info['torch']}"
         if machine_info.get("gpu"):
             title += f", {machine_info['gpu']}"
+        if machine_info.get("mkl_kernels"):
+            title += f", MKL {mkl_amd.short_code_path(machine_info['mkl_kernels'])} kernels"
     table = Table(title=title)
     for column in ("model", "batch", "mode", "samples/s (min–max)", "× module", "ms/step", "GFLOP/s",
                    "% peak", "compile cold/warm s", "first call s", "peak MB"):

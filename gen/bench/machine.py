@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from gen import mkl_amd
 from gen.device import synchronize
 
 
@@ -77,7 +78,7 @@ def matmul_peak_gflops(device: torch.device | str, size: int | None = None, repe
 
 
 def machine() -> dict:
-    """What the numbers came from: CPU model, cores, threads, GPU, torch version, load."""
+    """What the numbers came from: CPU model, cores, threads, MKL's kernels, GPU, torch version, load."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -87,7 +88,8 @@ def machine() -> dict:
     except OSError:
         pass
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
+            "torch": torch.__version__, "python": platform.python_version(),
+            "mkl_kernels": mkl_amd.mkl_code_path()}  # on AMD, generic unless gen.mkl_amd's shim is in
     if hasattr(os, "getloadavg"):
         info["load_average"] = [round(x, 2) for x in os.getloadavg()]
     if torch.cuda.is_available():

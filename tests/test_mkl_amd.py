@@ -1,0 +1,118 @@
+"""gen.mkl_amd: the shim that lets MKL use its Intel kernels on AMD CPUs.
+
+The shim only acts before torch is imported, so what it changes is checked in fresh
+processes; this process (torch long imported) checks when it declines to act."""
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gen import mkl_amd
+
+ROOT = Path(__file__).resolve().parent.parent
+GENERIC = "Intel(R) Architecture processors"  # MKL's name for its vendor-neutral kernels
+
+needs_mkl_on_linux_x86 = pytest.mark.skipif(
+    not (sys.platform == "linux" and platform.machine() == "x86_64" and torch.backends.mkl.is_available()
+         and (shutil.which("cc") or shutil.which("gcc"))),
+    reason="the shim is for torch's MKL on x86-64 Linux, built with a C compiler")
+
+
+def in_fresh_process(code: str, env: dict | None = None) -> dict:
+    """Run `code` (which prints one JSON line last) in a new interpreter; its parsed output."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+PRODUCTS = """
+import json, pathlib
+from gen import mkl_amd
+state = mkl_amd.load(pathlib.Path({directory!r}), vendor="AuthenticAMD") if {load} else "not asked"
+import torch
+g = torch.Generator().manual_seed(0)
+errors = []
+for m, k, n, transposed in [(128, 784, 400, False), (784, 128, 400, True), (3, 5, 7, False), (1, 300, 33, True),
+                            (257, 129, 65, False)]:
+    a = torch.randn(k, m, generator=g).t() if transposed else torch.randn(m, k, generator=g)
+    b = torch.randn(k, n, generator=g)
+    exact = a.double() @ b.double()
+    errors.append(((a @ b).double() - exact).abs().max().item() / exact.abs().max().item())
+print(json.dumps({{"state": state, "code_path": mkl_amd.mkl_code_path(), "errors": errors}}))
+"""
+
+
+@needs_mkl_on_linux_x86
+def test_mkl_takes_the_shims_answer_and_its_products_stay_exact(tmp_path):
+    """Loaded before torch, the shim moves MKL off its generic kernels (what it does on an AMD
+    CPU without it; an Intel CPU is off them already), and MKL's float32 products still agree
+    with float64 ones, transposed operands and odd shapes included."""
+    shimmed = in_fresh_process(PRODUCTS.format(load=True, directory=str(tmp_path)))
+    assert shimmed["state"] == mkl_amd.LOADED
+    assert shimmed["code_path"] and shimmed["code_path"] != GENERIC
+    assert max(shimmed["errors"]) < 1e-5
+    assert len(list(tmp_path.glob("mkl-intel-cpu-*.so"))) == 1  # built into the directory it was given
+    if mkl_amd.cpu_vendor() == "AuthenticAMD":  # why the shim exists: MKL's choice without it
+        plain = in_fresh_process(PRODUCTS.format(load=False, directory=""))
+        assert plain["code_path"] == GENERIC
+
+
+@needs_mkl_on_linux_x86
+def test_gen_bench_loads_the_shim_and_records_mkls_kernels(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "bench", "gan-2d", "--mode", "eager", "--steps", "1",
+                             "--repeats", "1", "--no-compile-times", "--json", str(out)],
+                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    machine = json.loads(out.read_text())["machine"]
+    if mkl_amd.cpu_vendor() == "AuthenticAMD":
+        assert machine["mkl_kernels"] != GENERIC
+        assert list((tmp_path / "cache" / "gen").glob("mkl-intel-cpu-*.so"))
+    else:
+        assert machine["mkl_kernels"]
+
+
+def test_the_shim_declines_where_it_cannot_or_need_not_act(tmp_path, monkeypatch):
+    assert "torch" in sys.modules  # this process: too late for any CPU's MKL
+    if sys.platform == "linux" and platform.machine() == "x86_64":
+        assert mkl_amd.load(tmp_path, vendor="AuthenticAMD") == "too late (torch was imported first)"
+    assert mkl_amd.load(tmp_path, vendor="GenuineIntel").startswith("not needed")
+    monkeypatch.setenv("GEN_MKL_INTEL_KERNELS", "0")
+    assert mkl_amd.load(tmp_path, vendor="AuthenticAMD") == "off (GEN_MKL_INTEL_KERNELS=0)"
+    assert not list(tmp_path.iterdir())  # nothing built when it does not act
+
+
+def test_a_failed_build_leaves_nothing_behind_and_is_reported(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", "false")  # a compiler that fails
+    with pytest.raises(OSError, match="false failed"):
+        mkl_amd.build_shim(tmp_path)
+    assert not list(tmp_path.iterdir())
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(OSError):
+        mkl_amd.build_shim(tmp_path)
+
+
+@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="needs a C compiler")
+def test_the_shim_is_built_once_per_source(tmp_path, monkeypatch):
+    library = mkl_amd.build_shim(tmp_path)
+    built_at = library.stat().st_mtime_ns
+    monkeypatch.setenv("CC", "false")  # a second build would fail: the library on disk is reused
+    assert mkl_amd.build_shim(tmp_path) == library and library.stat().st_mtime_ns == built_at
+    assert list(tmp_path.iterdir()) == [library]
+
+
+def test_short_code_path_names_the_instruction_set():
+    assert mkl_amd.short_code_path(GENERIC) == "generic"
+    assert mkl_amd.short_code_path("Intel(R) Advanced Vector Extensions 512 (Intel(R) AVX-512) with support of "
+                                   "Intel(R) Deep Learning Boost (Intel(R) DL Boost) and bfloat16") == "AVX-512"
+    assert mkl_amd.short_code_path("Intel(R) Advanced Vector Extensions 2 (Intel(R) AVX2) enabled processors") \
+        == "AVX2"
