@@ -102,8 +102,13 @@ def load(directory: Path | None = None, vendor: str | None = None) -> str:
     if "torch" in sys.modules:
         return "too late (torch was imported first)"
     try:
-        library = build_shim(directory or cache_directory())
-        ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
+        directory = directory or cache_directory()
+        library = build_shim(directory)
+        try:
+            ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
+        except OSError:  # a damaged file in the cache: build it again, once
+            library.unlink()
+            ctypes.CDLL(str(build_shim(directory)), mode=ctypes.RTLD_GLOBAL)
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:  # RuntimeError: no home directory
         return f"not built ({error})"
     return LOADED

@@ -66,6 +66,15 @@ def test_mkl_takes_the_shims_answer_and_its_products_stay_exact(tmp_path):
 
 
 @needs_mkl_on_linux_x86
+def test_a_damaged_shim_in_the_cache_is_built_again(tmp_path):
+    damaged = tmp_path / mkl_amd.build_shim(tmp_path).name
+    damaged.write_bytes(b"not a shared library")
+    shimmed = in_fresh_process(PRODUCTS.format(load=True, directory=str(tmp_path)))
+    assert shimmed["state"] == mkl_amd.LOADED and shimmed["code_path"] != GENERIC
+    assert damaged.read_bytes().startswith(b"\x7fELF")
+
+
+@needs_mkl_on_linux_x86
 def test_gen_bench_loads_the_shim_and_records_mkls_kernels(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
