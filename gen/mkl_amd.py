@@ -11,15 +11,19 @@ libtorch_cpu.so, is the one that answers, as an `LD_PRELOAD` shim would. MKL sti
 among its Intel kernels by the instruction sets the CPU reports (cpuid), so it runs only
 instructions the CPU has.
 
-`mkl_code_path()` reports the path MKL took: on the 2-core AMD EPYC (Zen 4) gen is
-benchmarked on, "Intel(R) Architecture processors" (its generic kernels) without the shim,
-"Intel(R) Advanced Vector Extensions 512 ..." with it; a 2048x2048 float32 product went from
-152-193 to 205-223 GFLOP/s (bench/README.md has the figures for gen's steps).
+Which kernels MKL's matmuls take follows the first answer; MKL's own report of its code path
+(`mkl_code_path()`, from `mkl_serv_get_version`) follows the second, which is why the shim
+gives both. On the 2-core AMD EPYC (Zen 4) gen is benchmarked on the report reads "Intel(R)
+Architecture processors" (the generic kernels) without the shim and "Intel(R) Advanced Vector
+Extensions 512 ..." with it, and a 2048x2048 float32 product went from 140-193 to 203-223
+GFLOP/s (bench/README.md has the figures for gen's steps). The kernels round differently, so
+a run is bitwise reproducible only with the same kernels (README.md, Checkpoints).
 
-The shim is C source below, built once with the C compiler Inductor already needs and kept
-in the user's cache directory. It only ever acts before the first `import torch` (after
-that, libtorch_cpu.so has bound its own answer); `gen`'s command line calls `load()` first
-thing. GEN_MKL_INTEL_KERNELS=0 in the environment turns it off.
+The shim is C source below, built once with the system's C compiler (cc or gcc, or $CC; the
+toolchain Inductor's C++ compiler comes with) and kept in $XDG_CACHE_HOME/gen or ~/.cache/gen.
+It only ever acts before the first `import torch` (after that, libtorch_cpu.so has bound its
+own answer); `gen`'s command line calls `load()` first thing. GEN_MKL_INTEL_KERNELS=0 in the
+environment turns it off.
 """
 
 import ctypes
@@ -27,6 +31,7 @@ import hashlib
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -58,59 +63,85 @@ def cpu_vendor() -> str:
 
 
 def cache_directory() -> Path:
-    """$XDG_CACHE_HOME/gen, else ~/.cache/gen: where the built shim is kept."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "gen"
+    """$XDG_CACHE_HOME/gen, else ~/.cache/gen: where the built shim is kept (a relative
+    XDG_CACHE_HOME is ignored, as the XDG spec says)."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(base) if os.path.isabs(base) else Path.home() / ".cache") / "gen"
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """`data` into `path` through a file beside it, flushed to disk before the rename, so
+    `path` is never a partial file (gen.checkpoint.replacing does the same, but importing it
+    would import torch)."""
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    with open(partial, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(partial, path)
 
 
 def build_shim(directory: Path) -> Path:
-    """The shim's shared library in `directory`, compiled if it is not there yet.
+    """The shim's shared library in `directory`, compiled unless a complete one is there.
 
-    The file is named by a hash of its source, and written beside and renamed into place, so
-    a half-built library is never loaded. Raises OSError (no compiler, a failed build, an
-    unwritable directory)."""
+    The library is named by a hash of its source; the hash of the built file is recorded
+    beside it (`.sha256`) after the library is on disk. A library without a matching record
+    (a build cut short, a file truncated by a crash or a partial copy of the cache) is built
+    again: loading a truncated shared library can kill the process with SIGBUS, past any
+    Python error handling. Raises OSError (no compiler, a failed build, an unwritable
+    directory)."""
     digest = hashlib.sha256(SHIM_SOURCE.encode()).hexdigest()[:16]
     library = directory / f"mkl-intel-cpu-{digest}.so"
-    if library.is_file():
-        return library
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not compiler:
+    record = library.with_name(library.name + ".sha256")
+    try:
+        if record.read_text().strip() == file_digest(library):
+            return library
+    except OSError:
+        pass  # not built yet, or built incompletely: build it
+    compiler = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc") or ""]
+    if not compiler[0]:
         raise OSError("no C compiler (cc or gcc) on PATH")
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory) as scratch:
         source, built = Path(scratch) / "shim.c", Path(scratch) / library.name
         source.write_text(SHIM_SOURCE)
-        result = subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", str(built), str(source)],
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run([*compiler, "-shared", "-fPIC", "-O2", "-o", str(built), str(source)],
+                                capture_output=True, text=True, errors="replace", timeout=60)
         if result.returncode != 0:
             last_line = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
-            raise OSError(f"{compiler} failed: {last_line}")
-        os.replace(built, library)
+            raise OSError(f"{' '.join(compiler)} failed: {last_line}")
+        write_durably(library, built.read_bytes())
+    write_durably(record, (file_digest(library) + "\n").encode())
     return library
 
 
 def load(directory: Path | None = None, vendor: str | None = None) -> str:
     """Load the shim into the global symbol scope if it applies; say what was done.
 
-    Returns "loaded", or why not: switched off, not an AMD x86-64 Linux CPU, torch already
-    imported, or the build failed. Never raises: without the shim MKL is only slower."""
+    Returns "loaded", or why not: switched off, not an AMD (or Hygon, also Zen) x86-64
+    Linux CPU, torch already imported, or the build or load failed. Never raises: without
+    the shim MKL is only slower. The shim answers any MKL in the process (an MKL-linked
+    numpy's too), since it sits in the global scope."""
     if os.environ.get(SWITCH, "1") == "0":
         return f"off ({SWITCH}=0)"
     vendor = cpu_vendor() if vendor is None else vendor
-    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64") or vendor != "AuthenticAMD":
+    if sys.platform != "linux" or platform.machine() != "x86_64" or vendor not in ("AuthenticAMD", "HygonGenuine"):
         return f"not needed ({vendor or 'unknown'} CPU)"
     if "torch" in sys.modules:
         return "too late (torch was imported first)"
     try:
-        directory = directory or cache_directory()
-        library = build_shim(directory)
-        try:
-            ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
-        except OSError:  # a damaged file in the cache: build it again, once
-            library.unlink()
-            ctypes.CDLL(str(build_shim(directory)), mode=ctypes.RTLD_GLOBAL)
-    except (OSError, RuntimeError, subprocess.SubprocessError) as error:  # RuntimeError: no home directory
+        library = build_shim(directory or cache_directory())
+    # ValueError: a $CC that shlex cannot split; RuntimeError: no home directory
+    except (OSError, ValueError, RuntimeError, subprocess.SubprocessError) as error:
         return f"not built ({error})"
+    try:
+        ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
+    except OSError as error:  # e.g. a cache on a noexec file system
+        return f"not loaded ({error})"
     return LOADED
 
 
@@ -122,9 +153,10 @@ class _MKLVersion(ctypes.Structure):
 
 
 def mkl_code_path() -> str | None:
-    """The kernels MKL runs in this process, in MKL's words ("Intel(R) Architecture processors"
-    for its generic path, "Intel(R) Advanced Vector Extensions 512 ..." for its AVX-512 one);
-    None where torch has no MKL. Imports torch (so call it after `load`)."""
+    """MKL's report of its code path in this process ("Intel(R) Architecture processors" for
+    its generic kernels, "Intel(R) Advanced Vector Extensions 512 ..." for its AVX-512 ones;
+    with the shim it agrees with the matmul kernels, see above); None where torch has no MKL.
+    Imports torch (so call it after `load`)."""
     import torch
     if not torch.backends.mkl.is_available():
         return None
