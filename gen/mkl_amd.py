@@ -73,27 +73,16 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def write_durably(path: Path, data: bytes) -> None:
-    """`data` into `path` through a file beside it, flushed to disk before the rename, so
-    `path` is never a partial file (gen.checkpoint.replacing does the same, but importing it
-    would import torch)."""
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    with open(partial, "wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(partial, path)
-
-
 def build_shim(directory: Path) -> Path:
     """The shim's shared library in `directory`, compiled unless a complete one is there.
 
     The library is named by a hash of its source; the hash of the built file is recorded
-    beside it (`.sha256`) after the library is on disk. A library without a matching record
-    (a build cut short, a file truncated by a crash or a partial copy of the cache) is built
-    again: loading a truncated shared library can kill the process with SIGBUS, past any
-    Python error handling. Raises OSError (no compiler, a failed build, an unwritable
-    directory)."""
+    beside it (`.sha256`) after the library is in place. Both are built in a scratch folder
+    and renamed in, and a library without a matching record (a build cut short, a file
+    truncated by a crash or a partial copy of the cache) is built again: loading a truncated
+    shared library can kill the process with SIGBUS, past any Python error handling. The
+    check makes flushing to disk unnecessary. Raises OSError (no compiler, a failed build,
+    an unwritable directory)."""
     digest = hashlib.sha256(SHIM_SOURCE.encode()).hexdigest()[:16]
     library = directory / f"mkl-intel-cpu-{digest}.so"
     record = library.with_name(library.name + ".sha256")
@@ -114,8 +103,10 @@ def build_shim(directory: Path) -> Path:
         if result.returncode != 0:
             last_line = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
             raise OSError(f"{' '.join(compiler)} failed: {last_line}")
-        write_durably(library, built.read_bytes())
-    write_durably(record, (file_digest(library) + "\n").encode())
+        built_record = Path(scratch) / record.name
+        built_record.write_text(file_digest(built) + "\n")
+        os.replace(built, library)
+        os.replace(built_record, record)
     return library
 
 
