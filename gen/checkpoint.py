@@ -70,6 +70,19 @@ def write_text(path: str | Path, text: str) -> None:
         temporary.write_text(text)
 
 
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is a file whose safetensors header names it a gen checkpoint (a cheap
+    header read: writers use it to refuse to overwrite a training state)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return (handle.metadata() or {}).get("format") == FORMAT
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return False
+
+
 def read_metadata(path: str | Path) -> dict:
     """The JSON metadata alone, without reading the tensors."""
     return _open(Path(path))[1]

@@ -52,6 +52,19 @@ def test_sample_png_and_raw_safetensors(run, tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))
 
 
+def test_sample_never_overwrites_a_checkpoint(run, tmp_path):
+    other = tmp_path / "other.safetensors"
+    other.write_bytes((run / "checkpoint.safetensors").read_bytes())
+    for target in (run / "checkpoint.safetensors", other):
+        before = target.read_bytes()
+        assert_one_line_error(gen("sample", run, "--n", 4, "--out", target), "is a gen checkpoint")
+        assert target.read_bytes() == before
+    # a file of raw samples (safetensors, not a checkpoint) is replaced as before
+    assert gen("sample", run, "--n", 4, "--out", tmp_path / "raw.safetensors").exit_code == 0
+    assert gen("sample", run, "--n", 5, "--out", tmp_path / "raw.safetensors").exit_code == 0
+    assert load_file(tmp_path / "raw.safetensors")["samples"].shape[0] == 5
+
+
 def test_sampling_is_reproducible_by_seed(run, tmp_path):
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
         gen("sample", run, "--n", 4, "--seed", seed, "--out", tmp_path / f"{name}.safetensors")
