@@ -41,7 +41,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from gen import checkpoint, compilation, data, models, plots, rng
 from gen.config import Config, resolve, validate
 from gen.device import autocast_step, resolve_device, synchronize
-from gen.tree import to_device
+from gen.tree import leaves, to_device
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -117,7 +117,17 @@ def train(config: Config, out: str | Path, resume: bool = False, show_progress: 
     train_data = dataset.train.to(device)
 
     def save(step: int) -> None:
+        # A diverged state (NaN or infinite anywhere) is never saved: it would replace the last good
+        # checkpoint with one that can only produce NaN samples.
+        if not all(torch.isfinite(t).all() for t in leaves(state)):
+            diverged(step, "the model's state")
         checkpoint.save(checkpoint_path, state, {**metadata, "step": step, "epoch": step / steps_per_epoch})
+
+    def diverged(step: int, what: str) -> None:
+        kept = (f"the checkpoint of step {checkpoint.read_metadata(checkpoint_path)['step']} is kept"
+                if checkpoint_path.exists() else "no checkpoint was written")
+        raise ValueError(f"training diverged: {what} became NaN or infinite by step {step}; {kept}: "
+                         "start a new run with a lower --lr")
 
     progress = _progress(show_progress)
     task = progress.add_task(f"{config.model} on {config.data}", total=total_steps, completed=start_step,
@@ -158,6 +168,8 @@ def train(config: Config, out: str | Path, resume: bool = False, show_progress: 
                     row = {"step": done, "epoch": round(done / steps_per_epoch, 4), **row,
                            "samples_per_s": round(interval_steps * config.batch_size * per_step / seconds, 1)}
                     _append(out / "metrics.jsonl", row, history)
+                    if not all(math.isfinite(value) for value in row.values()):
+                        diverged(done, "the logged metrics")
                     progress.update(task, status=_status(row))
                     interval_start, interval_steps = time.perf_counter(), 0
                 if config.sample_every and done % config.sample_every == 0:

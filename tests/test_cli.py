@@ -52,6 +52,14 @@ def test_sample_png_and_raw_safetensors(run, tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))
 
 
+def test_a_diverging_run_stops_with_one_line_and_saves_nothing(tmp_path):
+    result = gen("train", "vae", "--lr", "1e30", "--steps", 20, "--log-every", 5, "--no-compile",
+                 "--no-progress", "--out", tmp_path / "run")
+    assert_one_line_error(result, "training diverged: the logged metrics became NaN or infinite by step 5; "
+                                  "no checkpoint was written: start a new run with a lower --lr")
+    assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
+
+
 def test_sample_never_overwrites_a_checkpoint(run, tmp_path):
     other = tmp_path / "other.safetensors"
     other.write_bytes((run / "checkpoint.safetensors").read_bytes())

@@ -1,6 +1,7 @@
 """The training loop: compiled once and equal to eager, exact resume, interruption, run folder."""
 
 import json
+import math
 import os
 import signal
 
@@ -150,6 +151,31 @@ def test_interrupt_saves_a_valid_resume_point(tmp_path, monkeypatch):
     monkeypatch.setattr(training.rng, "generator", original)
     summary = training.train(config, tmp_path, resume=True, show_progress=False)
     assert summary["final"]["step"] == 20
+
+
+def test_a_diverged_run_keeps_its_last_good_checkpoint(tmp_path, monkeypatch):
+    """The 22nd call, the last of epoch 2, writes NaN into the params; its logged loss, computed
+    before the update, is finite, so the check before saving is what refuses: step 11's is kept."""
+    make_step = vae.MLP_VAE.make_step
+
+    def make_poisoning_step(config, shape):
+        step, calls = make_step(config, shape), {"made": 0}
+
+        def poisoning(state, batch, inputs):
+            calls["made"] += 1
+            state, metrics = step(state, batch, inputs)
+            if calls["made"] == 22:
+                state = {**state, "params": {k: torch.full_like(v, math.nan) for k, v in state["params"].items()}}
+            return state, metrics
+        return poisoning
+    monkeypatch.setattr(vae, "MLP_VAE", vae.MLP_VAE._replace(make_step=make_poisoning_step))
+    config = Config(model="vae", epochs=2, log_every=100, compile=False)
+    with pytest.raises(ValueError, match="training diverged: the model's state became NaN or infinite by step 22; "
+                                         "the checkpoint of step 11 is kept") as error:
+        training.train(config, tmp_path, show_progress=False)
+    assert "\n" not in str(error.value)
+    state, metadata = checkpoint.load(tmp_path / training.CHECKPOINT)
+    assert metadata["step"] == 11 and all(torch.isfinite(t).all() for t in leaves(state))
 
 
 def test_run_folder_holds_everything_a_run_promises(tmp_path):
