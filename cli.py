@@ -56,8 +56,8 @@ def default_out(model: str, data: str) -> Path:
 
 # `gen train` options that define what a run trains: given with --resume they are refused, since
 # the checkpoint's own settings are the ones the run continues with.
-RUN_SETTINGS = ("batch_size", "lr", "optimizer", "beta", "iwae_k", "latent_dim", "lr_schedule", "hidden_dim",
-                "gan_loss", "n_critic", "gp_weight", "pack", "ema_decay", "seed", "precision")
+RUN_SETTINGS = ("batch_size", "lr", "optimizer", "weight_decay", "beta", "iwae_k", "latent_dim", "lr_schedule",
+                "hidden_dim", "gan_loss", "n_critic", "gp_weight", "pack", "ema_decay", "seed", "precision")
 
 
 @app.command()
@@ -72,6 +72,7 @@ def train(
     batch_size: Annotated[Optional[int], typer.Option(help="examples per step")] = None,
     lr: Annotated[Optional[float], typer.Option(help="learning rate")] = None,
     optimizer: Annotated[str, typer.Option(help="adam | adamw | sgd")] = "adam",
+    weight_decay: Annotated[Optional[float], typer.Option(help="adamw: decoupled weight decay (default 0.01)")] = None,
     beta: Annotated[float, typer.Option(help="β-VAE weight on the KL term")] = 1.0,
     iwae_k: Annotated[int, typer.Option(help="importance samples for the IWAE bound (1: ELBO)")] = 1,
     latent_dim: Annotated[Optional[int], typer.Option(help="size of z")] = None,
@@ -139,8 +140,9 @@ def train(
         else:
             data = absolute_directory(data or default_data(model))
             config = Config(model=model, data=data, data_dir=data_dir, epochs=epochs, steps=steps,
-                            batch_size=batch_size, optimizer=optimizer, lr=lr, seed=seed, beta=beta,
-                            iwae_k=iwae_k, latent_dim=latent_dim, hidden_dim=hidden_dim, lr_schedule=lr_schedule,
+                            batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay, lr=lr,
+                            seed=seed, beta=beta, iwae_k=iwae_k, latent_dim=latent_dim, hidden_dim=hidden_dim,
+                            lr_schedule=lr_schedule,
                             gan_loss=gan_loss, n_critic=n_critic, gp_weight=gp_weight, pack=pack,
                             ema_decay=ema_decay, compile=compile, device=device, precision=precision,
                             log_every=log_every, sample_every=sample_every)

@@ -21,7 +21,7 @@ class Config:
     lr: float | None = None
     b1: float | None = None
     b2: float | None = None
-    weight_decay: float = 0.0
+    weight_decay: float | None = None  # adamw's decoupled decay (default 1e-2, torch.optim.AdamW's); 0 otherwise
     momentum: float = 0.9            # sgd only
     lr_schedule: str | None = None   # constant | linear | cosine: decays lr to 0 over decay_steps
     decay_steps: int | None = None   # filled by the training loop with the run's length
@@ -56,12 +56,14 @@ class Config:
 
 # Defaults for every family, where the family's own defaults say nothing.
 COMMON_DEFAULTS = {"lr_schedule": "constant", "ema_decay": 0.0}
+ADAMW_WEIGHT_DECAY = 1e-2  # torch.optim.AdamW's default
 
 
 def resolve(config: Config, defaults: dict) -> Config:
     """Fill every None field that the model family (else COMMON_DEFAULTS) has a default for,
     except the run's length (epochs/steps), which depends on the data too (gen/train.py)."""
-    defaults = {**COMMON_DEFAULTS, **defaults}
+    defaults = {**COMMON_DEFAULTS, **defaults,
+                "weight_decay": ADAMW_WEIGHT_DECAY if config.optimizer == "adamw" else 0.0}
     filled = {k: v for k, v in defaults.items() if getattr(config, k) is None and k not in ("epochs", "steps")}
     return dataclasses.replace(config, **filled)
 
@@ -79,6 +81,9 @@ def validate(config: Config) -> None:
         (config.iwae_k == 1 or config.beta == 1.0, "--beta weights the ELBO's KL term; IWAE (--iwae-k > 1) "
                                                    "has no such term, so drop one of the two"),
         (config.optimizer in ("adam", "adamw", "sgd"), "--optimizer must be adam, adamw or sgd"),
+        (config.weight_decay is None or config.weight_decay >= 0, "--weight-decay must be non-negative"),
+        (not config.weight_decay or config.optimizer == "adamw",
+         "--weight-decay is AdamW's decoupled decay: use it with --optimizer adamw"),
         (config.lr_schedule in (None, "constant", "linear", "cosine"), "--lr-schedule must be constant, linear or cosine"),
         (config.decay_steps is None or config.decay_steps >= 1, "decay_steps must be at least 1"),
         (config.ema_decay is None or 0.0 <= config.ema_decay < 1.0, "--ema-decay must be in [0, 1): 0 turns the average off"),

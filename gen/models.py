@@ -55,7 +55,9 @@ def make_optimizer(config: Config) -> optim.Optimizer:
     lr = learning_rate(config)
     if config.optimizer == "sgd":
         return optim.sgd(lr, momentum=config.momentum)
-    return optim.adam(lr, config.b1, config.b2, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return optim.adamw(lr, config.b1, config.b2, weight_decay=config.weight_decay)
+    return optim.adam(lr, config.b1, config.b2)
 
 
 def registry() -> dict[str, Family]:

@@ -110,6 +110,7 @@ def test_resume_extends_a_run(run, tmp_path):
     (["train", "vae", "--epochs", "2", "--steps", "3"], "not both"),
     (["train", "vae", "--device", "tpu"], "unknown device 'tpu'"),
     (["train", "vae", "--precision", "fp16"], "--precision must be float32 or bf16"),
+    (["train", "vae", "--weight-decay", "0.1"], "use it with --optimizer adamw"),
     (["sample", "/nonexistent/run"], "does not exist"),
     (["info", "/nonexistent/checkpoint.safetensors"], "does not exist"),
 ])
@@ -137,6 +138,7 @@ def test_corrupt_checkpoint_is_refused_and_left_alone(run, tmp_path):
     (["--lr", "0.01"], "--lr cannot change when resuming"),
     (["--precision", "bf16"], "--precision cannot change when resuming"),
     (["--seed", "1"], "--seed cannot change when resuming: the run has 0"),
+    (["--optimizer", "adamw"], "--optimizer cannot change when resuming"),
     (["--steps", "0"], "--steps must be at least 1"),  # refused like a new run's, not dropped
     (["--data", "fashion-mnist"], "holds a run on 'digits', not 'fashion-mnist'"),
 ])

@@ -44,7 +44,28 @@ def test_make_optimizer_builds_the_configured_schedule():
         models.learning_rate(Config(model="vae", lr=1e-3, lr_schedule="linear"))
 
 
+def test_adamw_decays_the_weights_and_adam_does_not():
+    """--optimizer adamw is torch.optim.AdamW (decay 1e-2 unless --weight-decay says otherwise); adam has none."""
+    defaults = models.get("vae").defaults
+    params, grads = {"w": torch.full((3,), 2.0)}, {"w": torch.tensor([1.0, -2.0, 0.5])}
+    updated = {}
+    for name, config in (("adam", Config(model="vae")), ("adamw", Config(model="vae", optimizer="adamw")),
+                         ("adamw 0.5", Config(model="vae", optimizer="adamw", weight_decay=0.5))):
+        config = resolve(config, defaults)
+        validate(config)
+        optimizer = models.make_optimizer(config)
+        updated[name] = optimizer.update(grads, optimizer.init(params), params)[0]["w"]
+    assert resolve(Config(model="vae", optimizer="adamw"), defaults).weight_decay == 1e-2
+    assert resolve(Config(model="vae"), defaults).weight_decay == 0.0
+    # first update: θ (1 - lr λ) - lr sign(g), lr = 1e-3
+    for name, decay in (("adam", 0.0), ("adamw", 1e-2), ("adamw 0.5", 0.5)):
+        expected = params["w"] * (1 - 1e-3 * decay) - 1e-3 * grads["w"].sign()
+        assert torch.allclose(updated[name], expected, atol=1e-6), name
+
+
 @pytest.mark.parametrize("config, message", [
+    (Config(weight_decay=0.1), "--weight-decay is AdamW's decoupled decay: use it with --optimizer adamw"),
+    (Config(optimizer="adamw", weight_decay=-1), "--weight-decay must be non-negative"),
     (Config(lr_schedule="step"), "--lr-schedule must be constant, linear or cosine"),
     (Config(ema_decay=1.0), "--ema-decay must be in [0, 1)"),
     (Config(gan_loss="least-squares"), "--gan-loss must be"),
