@@ -85,6 +85,11 @@ def train(config: Config, out: str | Path, resume: bool = False, show_progress: 
     total_steps = config.steps or config.epochs * steps_per_epoch
     if config.lr_schedule != "constant" and config.decay_steps is None:
         config = replace(config, decay_steps=total_steps)  # saved with the run, so a resume decays alike
+    if config.lr_schedule != "constant" and total_steps > config.decay_steps:
+        # Past its end a decay schedule gives lr 0: the extra steps would change nothing.
+        raise ValueError(f"the run's {config.lr_schedule} learning-rate schedule reaches 0 at step "
+                         f"{config.decay_steps}, and this run asks for {total_steps} steps: a resume cannot "
+                         "lengthen a decaying run; start a new run with the longer length")
 
     state = to_device(family.init(config, shape, config.seed), device)
     start_step = 0

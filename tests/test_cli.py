@@ -150,6 +150,14 @@ def test_resume_refuses_to_change_what_the_run_trains(run, args, fragment):
     assert (run / "checkpoint.safetensors").read_bytes() == before
 
 
+def test_resume_refuses_to_lengthen_a_decaying_schedule(tmp_path):
+    out = tmp_path / "run"
+    assert gen("train", "vae", "--lr-schedule", "cosine", "--steps", 4, "--no-compile", "--no-progress",
+               "--out", out).exit_code == 0
+    assert_one_line_error(gen("train", "vae", "--resume", "--steps", 8, "--no-compile", "--no-progress", "--out", out),
+                          "cosine learning-rate schedule reaches 0 at step 4")
+
+
 def test_resume_accepts_options_that_restate_the_run(run, tmp_path):
     """The same command line plus --resume (a train-or-resume script) changes nothing, so it runs."""
     copy = tmp_path / "copy"

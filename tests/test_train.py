@@ -192,6 +192,18 @@ def test_run_folder_holds_everything_a_run_promises(tmp_path):
     assert Image.open(tmp_path / "samples.png").size == (8 * 9 * 8, 8 * 9 * 8)  # 8x8 grid, 8x upscaled
 
 
+def test_a_resume_cannot_lengthen_a_decaying_schedule(tmp_path):
+    """Past decay_steps the linear and cosine schedules give lr 0, so extra steps would do nothing."""
+    config = Config(model="vae", steps=4, lr_schedule="linear", compile=False)
+    training.train(config, tmp_path, show_progress=False)
+    before = (tmp_path / training.CHECKPOINT).read_bytes()
+    with pytest.raises(ValueError, match="linear learning-rate schedule reaches 0 at step 4, and this run asks "
+                                         "for 8 steps: a resume cannot lengthen a decaying run"):
+        training.train(Config(**{**config.to_dict(), "steps": 8, "decay_steps": 4}), tmp_path, resume=True,
+                       show_progress=False)
+    assert (tmp_path / training.CHECKPOINT).read_bytes() == before
+
+
 def test_refuses_to_overwrite_a_run_or_resume_nothing(tmp_path):
     config = Config(model="vae", steps=2, compile=False)
     training.train(config, tmp_path, show_progress=False)
