@@ -122,6 +122,10 @@ def load_idx_dir(directory: Path, name: str) -> Dataset:
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(f"{directory}: {split} images {tuple(images.shape)} and labels "
                             f"{tuple(labels.shape)} do not match; expected (N, H, W) images and N labels")
+    train_size, test_size = arrays["train_images"].shape[1:], arrays["test_images"].shape[1:]
+    if train_size != test_size:
+        raise DataError(f"{directory}: the train images are {train_size[0]}x{train_size[1]} but the test images "
+                        f"{test_size[0]}x{test_size[1]}: both IDX image files must hold images of one size")
     return Dataset(name, "image",
                    arrays["train_images"].float().div(255).unsqueeze(1),
                    arrays["test_images"].float().div(255).unsqueeze(1),

@@ -387,7 +387,7 @@ GAN = Family("gan", "GAN with MLP generator and discriminator (non-saturating or
 DCGAN = Family("dcgan", "DCGAN: 2 transposed convs with batch norm (G), 2 convs with batch norm (D)", ("image",),
                {"epochs": 5, "batch_size": 64, "lr": 2e-4, "b1": 0.5, "b2": 0.999, "latent_dim": 100,
                 "gan_loss": "non-saturating", "n_critic": 1, "pack": 1},
-               init, make_step, make_noise, generate, evaluate, batches_per_step)
+               init, make_step, make_noise, generate, evaluate, batches_per_step, image_side_multiple=4)
 WGAN_GP = Family("wgan-gp", "WGAN-GP: Wasserstein critic with gradient penalty, n_critic critic steps per step",
                  ("points", "image"), {**TOY_DEFAULTS, "lr": 1e-4, "b1": 0.5, "b2": 0.9, "n_critic": 5,
                                        "epochs": 10, "gan_loss": "wasserstein"},

@@ -61,6 +61,11 @@ def prepare(config: Config) -> tuple[Config, models.Family, data.Dataset]:
         wanted = "images" if "image" in family.data_kinds else "2D points"
         raise ValueError(f"model '{config.model}' trains on {wanted} but '{config.data}' is "
                          f"{'2D points' if dataset.kind == 'points' else 'images'}: pick a matching --data")
+    multiple = family.image_side_multiple
+    if dataset.kind == "image" and any(side % multiple for side in dataset.shape[1:]):
+        height, width = dataset.shape[1:]
+        raise ValueError(f"model '{config.model}' needs image sides divisible by {multiple} but '{config.data}' "
+                         f"has {height}x{width} images: pad or crop them, or train the MLP 'vae' or 'gan'")
     return config, family, dataset
 
 

@@ -240,4 +240,5 @@ DEFAULTS = {"epochs": 10, "batch_size": 128, "lr": 1e-3, "b1": 0.9, "b2": 0.999,
 MLP_VAE = Family("vae", "MLP VAE, 784-400-20 (pytorch/examples), Bernoulli decoder", ("image",),
                  DEFAULTS, init, make_step, make_noise, generate, evaluate)
 CONV_VAE = Family("conv-vae", "convolutional VAE (2 stride-2 convs, 256 hidden, 20 latent)", ("image",),
-                  {**DEFAULTS, "hidden_dim": 256}, init, make_step, make_noise, generate, evaluate)
+                  {**DEFAULTS, "hidden_dim": 256}, init, make_step, make_noise, generate, evaluate,
+                  image_side_multiple=4)

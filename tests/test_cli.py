@@ -292,6 +292,16 @@ def test_bad_gan_settings_get_one_line_errors(args, fragment, tmp_path):
                           fragment)
 
 
+@pytest.mark.parametrize("model", ["conv-vae", "dcgan"])
+def test_convolutional_models_refuse_image_sides_not_divisible_by_4(tmp_path, model):
+    (tmp_path / "idx10").mkdir()
+    write_idx_dir(tmp_path / "idx10", size=10)  # two stride-2 layers: 10 -> 5 -> 2, decoded back to 8
+    assert_one_line_error(gen("train", model, "--data", tmp_path / "idx10", "--batch-size", 4, "--steps", 2,
+                              "--no-progress", "--out", tmp_path / "run"),
+                          f"model '{model}' needs image sides divisible by 4")
+    assert not (tmp_path / "run").exists()
+
+
 def test_iwae_and_conv_vae_train_from_the_cli(tmp_path):
     for model, extra in (("vae", ["--iwae-k", "4"]), ("conv-vae", [])):
         result = gen("train", model, *extra, "--steps", 5, "--no-compile", "--no-progress", "--out", tmp_path / model)

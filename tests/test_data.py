@@ -71,6 +71,13 @@ def test_mismatched_image_and_label_counts(tmp_path):
         data.load(str(tmp_path))
 
 
+def test_train_and_test_images_of_different_sizes(tmp_path):
+    write_idx_dir(tmp_path)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", torch.zeros(10, 8, 8))
+    with pytest.raises(data.DataError, match="the train images are 28x28 but the test images 8x8"):
+        data.load(str(tmp_path))
+
+
 @pytest.mark.skipif(not data.FASHION_MNIST_SYSTEM_DIR.exists(), reason="dataset-fashion-mnist not installed")
 def test_fashion_mnist_is_found_where_debian_puts_it():
     dataset = data.load("fashion-mnist")
