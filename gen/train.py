@@ -78,6 +78,9 @@ def train(config: Config, out: str | Path, resume: bool = False, show_progress: 
         raise ValueError(f"--out {out} is a file, not a run folder: choose a directory")
     if checkpoint_path.exists() and not resume:
         raise ValueError(f"{out} already holds a checkpoint: pass --resume to continue it or choose another --out")
+    if not resume and out.is_dir() and any(out.iterdir()):
+        # Its config.json, metrics.jsonl or pictures may be someone's (or a dead run's) files.
+        raise ValueError(f"--out {out} is not empty: a new run needs a new or empty folder; choose another --out")
     if resume and not checkpoint_path.exists():
         raise ValueError(f"nothing to resume: {checkpoint_path} does not exist")
     device = resolve_device(config.device)
@@ -194,6 +197,9 @@ def train(config: Config, out: str | Path, resume: bool = False, show_progress: 
                     interval_start = time.perf_counter()  # evaluation is not training time
     except KeyboardInterrupt:
         if not state_is_whole:  # a second Ctrl-C inside a step: the state is half-written, keep the disk's
+            if not checkpoint_path.exists():
+                raise KeyboardInterrupt(f"interrupted inside step {steps_done + 1}, before the run's first "
+                                        f"checkpoint: nothing to resume; remove {out} and start again") from None
             raise KeyboardInterrupt(f"interrupted inside step {steps_done + 1}; the last checkpoint in {out} is "
                                     "kept: continue with --resume") from None
         save(steps_done)

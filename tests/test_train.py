@@ -129,10 +129,22 @@ def test_ctrl_c_inside_a_step_takes_effect_after_it(tmp_path, monkeypatch):
 
 def test_second_ctrl_c_inside_a_step_stops_at_once_and_writes_no_checkpoint(tmp_path, monkeypatch):
     signalling_step(monkeypatch, at_call=5, signals=2)
-    with pytest.raises(KeyboardInterrupt, match="interrupted inside step 5; the last checkpoint .* is kept"):
+    with pytest.raises(KeyboardInterrupt, match="interrupted inside step 5, before the run's first checkpoint: "
+                                                "nothing to resume; remove .* and start again"):
         training.train(Config(model="vae", steps=12, compile=False), tmp_path, show_progress=False)
     assert not (tmp_path / training.CHECKPOINT).exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+
+def test_second_ctrl_c_after_a_checkpoint_keeps_it(tmp_path, monkeypatch):
+    config = Config(model="vae", steps=4, compile=False)
+    training.train(config, tmp_path, show_progress=False)
+    before = (tmp_path / training.CHECKPOINT).read_bytes()
+    signalling_step(monkeypatch, at_call=2, signals=2)
+    with pytest.raises(KeyboardInterrupt, match="interrupted inside step 6; the last checkpoint .* is kept: "
+                                                "continue with --resume"):
+        training.train(Config(**{**config.to_dict(), "steps": 12}), tmp_path, resume=True, show_progress=False)
+    assert (tmp_path / training.CHECKPOINT).read_bytes() == before
 
 
 def test_interrupt_saves_a_valid_resume_point(tmp_path, monkeypatch):
@@ -213,6 +225,17 @@ def test_refuses_to_overwrite_a_run_or_resume_nothing(tmp_path):
         training.train(config, tmp_path, resume=True, show_progress=False)
     with pytest.raises(ValueError, match="nothing to resume"):
         training.train(config, tmp_path / "other", resume=True, show_progress=False)
+
+
+def test_a_new_run_refuses_a_folder_that_is_not_empty(tmp_path):
+    """A folder of someone's files, or of a run killed before its first checkpoint: nothing is overwritten."""
+    (tmp_path / "config.json").write_text("my settings")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 3}\n')
+    with pytest.raises(ValueError, match="is not empty: a new run needs a new or empty folder"):
+        training.train(Config(model="vae", steps=2, compile=False), tmp_path, show_progress=False)
+    assert (tmp_path / "config.json").read_text() == "my settings"
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 3}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "metrics.jsonl"]
 
 
 @pytest.mark.parametrize("config, message", [
