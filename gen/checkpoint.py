@@ -139,9 +139,32 @@ def _open(path: Path, read_tensors: bool = False) -> tuple[dict, dict]:
         metadata = json.loads(header["gen"])
     except (KeyError, json.JSONDecodeError):
         raise CheckpointError(f"{path} has damaged metadata: use another checkpoint") from None
-    if not isinstance(metadata, dict) or "model" not in metadata or "config" not in metadata:
-        raise CheckpointError(f"{path} has incomplete metadata (no model or config): use another checkpoint")
+    problem = _metadata_problem(metadata)
+    if problem:
+        raise CheckpointError(f"{path} has incomplete metadata ({problem}): use another checkpoint")
     return tensors, metadata
+
+
+# What gen train writes into every checkpoint, and what sampling, `gen info` and a resume read back.
+REQUIRED_METADATA = {"model": str, "config": dict, "step": int, "shape": list, "data_kind": str}
+
+
+def _metadata_problem(metadata) -> str | None:
+    """Why `metadata` cannot be a gen train checkpoint's, or None."""
+    if not isinstance(metadata, dict):
+        return "not a JSON object"
+    for name, kind in REQUIRED_METADATA.items():
+        value = metadata.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            wanted = {str: "a string", dict: "a JSON object", int: "an integer", list: "a list"}[kind]
+            return f"'{name}' missing or not {wanted}"
+    if metadata["step"] < 0:
+        return "a negative 'step'"
+    if not metadata["shape"] or not all(type(side) is int and side > 0 for side in metadata["shape"]):
+        return "'shape' is not a list of positive sizes"
+    if not isinstance(metadata.get("epoch", 0.0), (int, float)) or isinstance(metadata.get("epoch"), bool):
+        return "'epoch' is not a number"
+    return None
 
 
 def _fsync_directory(directory: Path) -> None:

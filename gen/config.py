@@ -6,6 +6,7 @@ Fields left as None take the model family's default (`resolve`), so
 """
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 
 
@@ -50,8 +51,21 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: dict) -> "Config":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        """A Config from its JSON form (a checkpoint's), unknown keys ignored; a value of the wrong
+        type (e.g. a string batch size) is a ValueError here, not a TypeError deep in training."""
+        hints = typing.get_type_hints(cls)
+        known = {}
+        for name, value in values.items():
+            if name not in hints:
+                continue
+            allowed = typing.get_args(hints[name]) or (hints[name],)
+            if float in allowed:
+                allowed = (*allowed, int)  # an integer is a valid float (lr: 1)
+            if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+                raise ValueError(f"the run's config has {name}={value!r}, which is not a valid value: "
+                                 "the checkpoint's metadata is damaged; use another checkpoint")
+            known[name] = value
+        return cls(**known)
 
 
 # Defaults for every family, where the family's own defaults say nothing.

@@ -14,7 +14,7 @@ def make_state():
             "opt_state": {"count": torch.tensor(7), "mu": {"encoder.fc.weight": torch.zeros(3, 4)}}}
 
 
-META = {"model": "vae", "config": {"model": "vae", "lr": 1e-3}, "step": 7}
+META = {"model": "vae", "config": {"model": "vae", "lr": 1e-3}, "step": 7, "shape": [1, 8, 8], "data_kind": "image"}
 
 
 @pytest.fixture
@@ -83,6 +83,11 @@ def test_write_text_replaces_a_file_whole_or_not_at_all(tmp_path, monkeypatch):
     assert path.read_text() == "new\n" and list(tmp_path.iterdir()) == [path]
 
 
+DAMAGED_METADATA = {"config-not-object": {"config": "vae"}, "no-shape": {"shape": None},
+                    "shape-of-strings": {"shape": ["1", "8", "8"]}, "step-not-int": {"step": "7"},
+                    "epoch-not-number": {"epoch": "one"}, "negative-step": {"step": -1}}
+
+
 def corrupt(path, kind):
     raw = path.read_bytes()
     if kind == "truncated":
@@ -101,6 +106,9 @@ def corrupt(path, kind):
     elif kind == "no-config":
         save_file({"w": torch.zeros(2)}, path, metadata={"format": "gen-checkpoint", "format_version": "1",
                                                         "gen": json.dumps({"model": "vae"})})
+    elif kind in DAMAGED_METADATA:
+        save_file({"w": torch.zeros(2)}, path, metadata={"format": "gen-checkpoint", "format_version": "1",
+                                                        "gen": json.dumps({**META, **DAMAGED_METADATA[kind]})})
     elif kind == "future-version":
         save_file({"w": torch.zeros(2)}, path, metadata={"format": "gen-checkpoint", "format_version": "99",
                                                         "gen": json.dumps(META)})
@@ -109,7 +117,11 @@ def corrupt(path, kind):
 @pytest.mark.parametrize("kind, message", [
     ("truncated", "truncated or corrupt"), ("header-only", "truncated or corrupt"), ("empty", "truncated or corrupt"),
     ("garbage", "truncated or corrupt"), ("foreign", "not a gen checkpoint"), ("bad-json", "damaged metadata"),
-    ("no-config", "incomplete metadata"), ("future-version", "checkpoint format 99"),
+    ("no-config", "incomplete metadata \\('config' missing or not a JSON object\\)"),
+    ("config-not-object", "'config' missing or not a JSON object"), ("no-shape", "'shape' missing or not a list"),
+    ("shape-of-strings", "'shape' is not a list of positive sizes"), ("step-not-int", "'step' missing or not an integer"),
+    ("epoch-not-number", "'epoch' is not a number"), ("negative-step", "a negative 'step'"),
+    ("future-version", "checkpoint format 99"),
 ])
 def test_bad_files_get_one_line_errors(saved, kind, message):
     path, _ = saved

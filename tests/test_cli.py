@@ -60,6 +60,29 @@ def test_a_diverging_run_stops_with_one_line_and_saves_nothing(tmp_path):
     assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
 
 
+def test_checkpoints_with_damaged_metadata_get_one_line_errors(run, tmp_path):
+    """Gen's header with fields of the wrong type: every command that reads it answers in one line."""
+    import json
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    source = run / "checkpoint.safetensors"
+    with safe_open(source, framework="pt") as handle:
+        header, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
+    metadata = json.loads(header["gen"])
+    for name, damage, fragment in (("noshape", {"shape": None}, "'shape' missing"),
+                                   ("badcfg", {"config": "vae"}, "'config' missing or not a JSON object"),
+                                   ("badepoch", {"epoch": "one"}, "'epoch' is not a number"),
+                                   ("badlr", {"config": {**metadata["config"], "lr": "fast"}}, "lr='fast'")):
+        path = tmp_path / name / "checkpoint.safetensors"
+        path.parent.mkdir()
+        save_file(tensors, path, metadata={**header, "gen": json.dumps({**metadata, **damage})})
+        for args in (["sample", path, "--out", tmp_path / "x.png"], ["info", path],
+                     ["train", "vae", "--resume", "--steps", 30, "--no-compile", "--out", path.parent]):
+            if args[0] == "info" and name == "badlr":
+                continue  # info prints the config as it is
+            assert_one_line_error(gen(*args), fragment)
+
+
 def test_sample_never_overwrites_a_checkpoint(run, tmp_path):
     other = tmp_path / "other.safetensors"
     other.write_bytes((run / "checkpoint.safetensors").read_bytes())

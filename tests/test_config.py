@@ -63,6 +63,13 @@ def test_adamw_decays_the_weights_and_adam_does_not():
         assert torch.allclose(updated[name], expected, atol=1e-6), name
 
 
+def test_config_from_json_refuses_values_of_the_wrong_type():
+    assert Config.from_dict({"model": "dcgan", "lr": 1, "unknown": 3}) == Config(model="dcgan", lr=1)
+    for values in ({"batch_size": "128"}, {"compile": "yes"}, {"lr": "0.1"}, {"batch_size": True}, {"model": None}):
+        with pytest.raises(ValueError, match="the run's config has .* which is not a valid value"):
+            Config.from_dict(values)
+
+
 @pytest.mark.parametrize("config, message", [
     (Config(weight_decay=0.1), "--weight-decay is AdamW's decoupled decay: use it with --optimizer adamw"),
     (Config(optimizer="adamw", weight_decay=-1), "--weight-decay must be non-negative"),
