@@ -2,7 +2,8 @@
 
 Installed as the `gen` command; `python cli.py ...` is the same program.
 Every expected failure (bad data, bad checkpoint, bad option) ends with one
-line on stderr and exit status 1, never a traceback.
+line on stderr and exit status 1 (2 for a command line that does not parse),
+never a traceback.
 """
 
 import math
@@ -305,7 +306,23 @@ def bench(
 def main() -> None:
     from gen import mkl_amd
     mkl_amd.load()  # before anything imports torch; on AMD CPUs MKL's faster kernels, elsewhere nothing
-    app()
+    try:
+        # typer.Exit's code is returned; parse errors are raised to here
+        status = app(prog_name="gen", standalone_mode=False)
+    except typer.TyperException as error:  # typer's click: an unknown command or option, a non-number, ...
+        context = getattr(error, "ctx", None)
+        if type(error).__name__ == "NoArgsIsHelpError":  # plain `gen`: its help on stdout, as before
+            help_text = error.format_message()  # typer's rich help prints itself and returns ""
+            if help_text:
+                typer.echo(help_text)
+        else:  # one line, like every other error, instead of click's boxed usage message
+            hint = f" (see '{context.command_path} --help')" if context is not None else ""
+            typer.echo(f"error: {error.format_message()}{hint}", err=True)
+        status = error.exit_code
+    except typer.Abort:
+        typer.echo("error: aborted", err=True)
+        status = 1
+    sys.exit(status if isinstance(status, int) else 0)
 
 
 if __name__ == "__main__":

@@ -134,6 +134,8 @@ def test_resume_extends_a_run(run, tmp_path):
     (["train", "vae", "--device", "tpu"], "unknown device 'tpu'"),
     (["train", "vae", "--precision", "fp16"], "--precision must be float32 or bf16"),
     (["train", "vae", "--weight-decay", "0.1"], "use it with --optimizer adamw"),
+    (["train", "vae", "--seed", str(2**64)], "--seed must be between 0 and 2^63 - 1"),
+    (["train", "vae", "--seed", "-1"], "--seed must be between 0 and 2^63 - 1"),
     (["sample", "/nonexistent/run"], "does not exist"),
     (["info", "/nonexistent/checkpoint.safetensors"], "does not exist"),
 ])
@@ -345,3 +347,28 @@ def test_python_cli_py_is_the_same_program(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "--help"], capture_output=True, text=True,
                             cwd=ROOT, env=env)
     assert result.returncode == 0 and "train" in result.stdout and "sample" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "vae", "--steps", "abc"], "error: Invalid value for '--steps': Input should be a valid integer, "
+                                         "unable to parse string as an integer (see 'gen train --help')"),
+    (["trian"], "error: No such command 'trian'. Did you mean 'train'? (see 'gen --help')"),
+    (["train"], "error: Missing argument 'model'. (see 'gen train --help')"),
+])
+def test_a_command_line_that_does_not_parse_is_one_line(args, message, monkeypatch, capsys):
+    """`gen` (cli.main) reports click's parse errors in one line, exit status 2, not in a box."""
+    import cli
+    monkeypatch.setattr(sys, "argv", ["gen", *args])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [message]
+
+
+def test_gen_alone_prints_its_help_and_a_finished_command_exits_0(monkeypatch, capsys, run):
+    import cli
+    for args, status, text in ((["gen"], 2, "Usage: gen [OPTIONS] COMMAND"), (["gen", "info", str(run)], 0, "step:")):
+        monkeypatch.setattr(sys, "argv", args)
+        with pytest.raises(SystemExit) as exit_:
+            cli.main()
+        assert exit_.value.code == status and text in capsys.readouterr().out
