@@ -304,6 +304,15 @@ def test_resume_without_out_finds_the_default_run_folder(tmp_path, monkeypatch):
     resumed = gen("train", "gan", "--resume", "--steps", 20, "--no-compile", "--no-progress")
     assert resumed.exit_code == 0, resumed.output
     assert "trained 20 steps" in resumed.output and "run folder: runs/gan-grid25" in resumed.output
+    # a second new run never overwrites the first: it goes to runs/gan-grid25-2, then -3
+    for suffix in ("-2", "-3"):
+        again = gen("train", "gan", "--steps", 10, "--hidden-dim", 16, "--no-compile", "--no-progress")
+        assert again.exit_code == 0 and f"run folder: runs/gan-grid25{suffix}" in again.output, again.output
+    # sampling a 2D model draws a scatter plot against the data
+    assert gen("sample", "runs/gan-grid25", "--n", 100, "--out", "points.png").exit_code == 0
+    assert Path("points.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert gen("sample", "runs/gan-grid25", "--n", 100, "--out", "points.safetensors").exit_code == 0
+    assert load_file("points.safetensors")["samples"].shape == (100, 2)
 
 
 @pytest.mark.parametrize("args, fragment", [
