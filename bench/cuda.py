@@ -93,7 +93,8 @@ def main() -> None:
             say(f"attempt {attempt}: exit status {rc} after its last group")
             break
         (model, batch), remaining = after[0], after[1:]
-        reason = "killed at the time limit" if rc in (-signal.SIGTERM, -signal.SIGKILL, 124, 137) \
+        # bench/run.py exits 143 (128 + SIGTERM) after writing what it has when `timeout` stops it
+        reason = "killed at the time limit" if rc in (-signal.SIGTERM, -signal.SIGKILL, 124, 137, 143) \
             else f"crashed (exit status {rc})"
         say(f"attempt {attempt}: {reason} during {model} b{batch}; see cuda.log")
         results += [missing_row(model, batch, mode, args.device, f"{reason}; see cuda.log") for mode in modes]

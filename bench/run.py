@@ -44,23 +44,28 @@ def main() -> None:
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds: start no new model, mode or round after them; write what was done")
     args = parser.parse_args()
+    signals = []  # the signals that ended the run early, for the exit status
+
+    def interrupt(signum, frame) -> None:
+        signals.append(signum)
+        raise KeyboardInterrupt  # bench.main catches it, prints and writes what it has
+
     signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
     try:
         bench.main(models=args.models or None, batch_sizes=args.batch_size, steps=args.steps, repeats=args.repeats,
                    device=args.device, json_path=args.json, modes=args.mode,
                    measure_compile=not args.no_compile_times, time_budget=args.time_budget)
-    except ValueError as error:
+    except (ValueError, OSError) as error:
         sys.exit(f"error: {error}")
     # Results are printed and written. Leave now: Inductor's atexit hook waits (up to 300 s)
     # for its compile-worker pool to shut down, which on the 16-core CUDA machine stalled
-    # the exit by 15-30 s; the workers end themselves when this process is gone.
+    # the exit by 15-30 s; the workers end themselves when this process is gone. A run cut
+    # short by a signal exits as the shell reports one (128 + its number: 143 for SIGTERM),
+    # so bench/cuda.py can tell it from a finished run.
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
-
-
-def interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt  # bench.main catches it, prints and writes what it has
+    os._exit(128 + signals[0] if signals else 0)
 
 
 if __name__ == "__main__":

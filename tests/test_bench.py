@@ -104,7 +104,8 @@ def test_harness_runs_end_to_end_and_writes_json(tmp_path):
         assert len(r["round_seconds"]) == 2 and r["ms_per_step"] == pytest.approx(
             1000 * statistics.median(r["round_seconds"]) / 2)
     eager, module = results
-    assert module["paired_vs_module"] == 1.0
+    assert module["paired_vs_module"] == 1.0 and module["vs_module"] == 1.0
+    assert eager["vs_module"] == pytest.approx(eager["samples_per_s"] / module["samples_per_s"])
     assert eager["paired_vs_module"] == pytest.approx(statistics.median(
         [m / e for m, e in zip(module["round_seconds"], eager["round_seconds"])]))
     written = json.loads(path.read_text())
@@ -152,6 +153,75 @@ def test_a_json_path_that_cannot_be_written_is_refused_before_the_run(tmp_path, 
         harness.main(models=["gan-2d"], json_path=str(tmp_path / "missing" / "bench.json"))
     with pytest.raises(ValueError, match="is a directory: give a file name"):
         harness.main(models=["gan-2d"], json_path=str(tmp_path))
+    real_write = type(tmp_path).write_text
+
+    def refusing(self, *args, **kwargs):  # a directory that exists but takes no new file (read-only, /proc)
+        if self.parent == tmp_path / "readonly":
+            raise PermissionError(13, "Permission denied")
+        return real_write(self, *args, **kwargs)
+    (tmp_path / "readonly").mkdir()
+    monkeypatch.setattr(type(tmp_path), "write_text", refusing)
+    with pytest.raises(ValueError, match="bench.json cannot be written \\(Permission denied\\): choose another"):
+        harness.main(models=["gan-2d"], json_path=str(tmp_path / "readonly" / "bench.json"))
+    assert list((tmp_path / "readonly").iterdir()) == []
+
+
+def test_a_json_write_that_fails_mid_run_loses_no_timing(tmp_path, monkeypatch, capsys):
+    def disk_full(path, text):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(harness.checkpoint, "write_text", disk_full)
+    results = bench.main(models=["gan-2d"], batch_sizes=[8], steps=1, repeats=1, device="cpu",
+                         json_path=str(tmp_path / "bench.json"), modes=["eager"])
+    assert [r["error"] for r in results] == [None]
+    assert "could not write" in capsys.readouterr().out
+
+
+def test_non_finite_values_are_written_as_json_null():
+    """A NaN metric makes a step check inf; Python would write `Infinity`, which strict JSON refuses."""
+    value = {"a": [float("inf"), 1.5], "b": {"c": float("nan")}, "d": "x", "e": None, "f": 2}
+    assert harness.json_safe(value) == {"a": [None, 1.5], "b": {"c": None}, "d": "x", "e": None, "f": 2}
+    json.loads(json.dumps(harness.json_safe(value), allow_nan=False))
+
+
+def test_modes_and_groups_named_twice_are_timed_once():
+    assert bench.available_modes(["eager", "module", "eager"], "cpu") == ["eager", "module"]
+    assert bench.plan(["vae:16", "gan-2d:8", "vae:16,32"], None) == [("vae", 16), ("gan-2d", 8), ("vae", 32)]
+
+
+def test_a_run_with_no_mode_left_is_refused(capsys):
+    with pytest.raises(ValueError, match="no mode left to run on this device"):
+        bench.available_modes(["compiled-ro"], "cpu")
+
+
+def test_cuda_peak_memory_is_each_modes_own(monkeypatch):
+    """On CUDA each row's peak MB is what the mode allocated beyond what was already held (the
+    peak's matrices, the modes built before it). The CUDA calls are stood in for, on the CPU."""
+    allocated = {"now": 800 * 2 ** 20, "peak": 0}  # 800 MB held before the first mode
+
+    def build(mode, *args, **kwargs):
+        allocated["now"] += {"eager": 100, "module": 30}[mode] * 2 ** 20  # each mode keeps its state
+        allocated["peak"] = allocated["now"] + 50 * 2 ** 20  # and briefly needs 50 MB more
+        return lambda n: None
+    fake_cuda = {"memory_allocated": lambda device=None: allocated["now"],
+                 "max_memory_allocated": lambda device=None: allocated["peak"],
+                 "reset_peak_memory_stats": lambda device=None: allocated.update(peak=allocated["now"]),
+                 "synchronize": lambda device=None: None, "empty_cache": lambda: None}
+    for name, function in fake_cuda.items():
+        monkeypatch.setattr(torch.cuda, name, function)
+    monkeypatch.setattr(harness, "make_runner", build)
+    monkeypatch.setattr(harness, "time_mode", lambda runner, n, device: 0.01 * n)
+    rows = harness.time_group("vae", 16, 1, 1, torch.device("cuda"), ["eager", "module"], 1, False, print,
+                              lambda: False, lambda: 1.0, [])
+    assert [round(r["peak_memory_mb"]) for r in rows] == [150, 80]
+
+
+def test_a_failed_compile_probe_says_why(monkeypatch):
+    import subprocess
+    from gen.bench import compile_time
+    failed = subprocess.CompletedProcess([], 1, stdout="", stderr="Traceback ...\nRuntimeError: no C compiler\n")
+    monkeypatch.setattr(compile_time.subprocess, "run", lambda *args, **kwargs: failed)
+    with pytest.raises(RuntimeError, match="the cold compile probe exited with status 1: RuntimeError: no C compiler"):
+        compile_time.compile_seconds("vae", 16, torch.device("cpu"))
 
 
 # --- robustness: what a run on a machine nobody can debug relies on --------------------
@@ -366,6 +436,32 @@ harness.time_group = time_group  # where the harness looks it up
 sys.argv[0] = {run!r}
 runpy.run_path({run!r}, run_name="__main__")
 '''
+
+
+TERMINATED_HARNESS = CRASHING_HARNESS.replace(
+    "os._exit(3)  # as a segfault or a fatal CUDA error would end the process",
+    "import signal; os.kill(os.getpid(), signal.SIGTERM)  # what `timeout` sends")
+
+
+def test_cuda_driver_reports_a_harness_stopped_at_the_time_limit(tmp_path):
+    """SIGTERM (what `timeout` sends) makes bench/run.py write what it has and exit 143, which the
+    driver reads as killed at the time limit during that group, not as a finished run."""
+    import subprocess
+    import sys
+    root = bench.PEERS_DIR.parent
+    harness = tmp_path / "terminated_run.py"
+    harness.write_text(TERMINATED_HARNESS.format(root=str(root), run=str(root / "bench" / "run.py")))
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, str(root / "bench" / "cuda.py"), str(out), "--device", "cpu", "--total", "120",
+                    "--margin", "10", "--steps", "1", "--repeats", "1", "--mode", "eager",
+                    "--plan", "vae:8", "gan-2d:8", "vae:16", "--harness", str(harness)],
+                   check=True, capture_output=True, text=True, cwd=str(root),
+                   env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    rows = {(r["model"], r["batch_size"], r["mode"]): r for r in json.loads((out / "cuda.json").read_text())["results"]}
+    assert rows[("vae", 8, "eager")]["error"] is None and rows[("vae", 16, "eager")]["error"] is None
+    assert rows[("gan-2d", 8, "eager")]["error"].startswith("killed at the time limit")
+    first_attempt = json.loads((out / "cuda-1.json").read_text())
+    assert first_attempt["machine"]["complete"] is False  # written before the exit
 
 
 def test_cuda_driver_survives_a_crashed_process(tmp_path):

@@ -39,8 +39,11 @@ def compile_seconds(model: str, batch_size: int, device: torch.device) -> tuple[
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
         for attempt in ("cold", "warm"):
             command = [sys.executable, "-m", "gen.bench", "--compile-probe", model, str(batch_size), device.type]
-            out = subprocess.run(command, env=env, capture_output=True, text=True, check=True,
+            out = subprocess.run(command, env=env, capture_output=True, text=True,
                                  cwd=str(Path(__file__).resolve().parents[2]))
+            if out.returncode != 0:  # say why: the probe's last line of stderr is its exception
+                last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+                raise RuntimeError(f"the {attempt} compile probe exited with status {out.returncode}: {last}")
             probe = json.loads(out.stdout.strip().splitlines()[-1])
             if attempt == "warm" and not probe["cache"].get("inductor.fxgraph_cache_hit"):
                 print(f"note: {model} b{batch_size}: the warm compile missed the FX graph cache ({probe['cache']})")

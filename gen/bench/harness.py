@@ -2,6 +2,7 @@
 rounds, turn failures into error rows, print the table and write the JSON."""
 
 import json
+import math
 import os
 import time
 import traceback
@@ -20,7 +21,7 @@ from gen.device import resolve_device
 
 
 def available_modes(modes: list[str] | None, device: torch.device | str = "cpu") -> list[str]:
-    modes = list(modes or MODES)
+    modes = list(dict.fromkeys(modes or MODES))  # a mode named twice is timed once (its rounds would mix)
     for mode in modes:
         if mode not in MODES + EXTRA_MODES and not (mode.startswith("vmap-") and mode[5:].isdigit()
                                                     and int(mode[5:]) > 0):
@@ -34,6 +35,8 @@ def available_modes(modes: list[str] | None, device: torch.device | str = "cpu")
         print(f"note: skipping mode 'module': the peers live in {PEERS_DIR}/peers.py, which is absent "
               "(bench/ ships with the repository, not the installed package)")
         modes.remove("module")
+    if not modes:
+        raise ValueError("no mode left to run on this device: add --mode compiled, eager or module")
     return modes
 
 
@@ -64,8 +67,8 @@ def plan(names: list[str] | None, batch_sizes: list[int] | None) -> list[tuple[s
             raise ValueError(f"bad model entry '{name}': batch sizes must be at least 1")
         entries.append((model, own))
     present = set(available_models([model for model, _ in entries]))
-    return [(model, b) for model, own in entries if model in present
-            for b in own or batch_sizes or MODELS[model][2]]
+    groups = [(model, b) for model, own in entries if model in present for b in own or batch_sizes or MODELS[model][2]]
+    return list(dict.fromkeys(groups))  # a group named twice is timed once
 
 
 def report(log: Callable[[str], None], where: str, error: BaseException) -> str:
@@ -94,8 +97,8 @@ def error_row(model: str, batch_size: int, mode: str, device: torch.device, erro
 ROW_FIELDS = ("model", "batch_size", "mode", "device", "batches_per_step", "models", "steps", "repeats",
               "samples_per_s", "samples_per_s_min", "samples_per_s_max", "ms_per_step", "gflop_per_step",
               "gflops", "pct_of_peak", "peak_gflops", "first_call_s", "cold_compile_s", "warm_compile_s",
-              "peak_memory_mb", "peak_memory_kind", "round_seconds", "paired_vs_module", "first_step_vs_eager",
-              "second_step_vs_eager", "error")
+              "peak_memory_mb", "peak_memory_kind", "round_seconds", "vs_module", "paired_vs_module",
+              "first_step_vs_eager", "second_step_vs_eager", "error")
 # How far a mode's first- or second-step metrics may be from eager's before the log warns (step_differences).
 STEP_TOLERANCE = {"compiled-bf16": 5e-2}
 STEP_DEFAULT_TOLERANCE = 1e-3
@@ -222,19 +225,22 @@ def time_group(model: str, batch_size: int, steps: int, repeats: int, device: to
         try:
             cold, warm = compile_seconds(model, batch_size, device)
         except Exception as error:
-            log(f"{model} b{batch_size}: compile probe failed: {describe(error)}")
+            report(log, f"{model} b{batch_size} compile probe", error)
     runners, first_call, memory = {}, {}, {}
     for mode in modes:
         if out_of_time():
             errors[mode] = "skipped: time budget spent"
             continue
         try:
+            # CUDA: what this mode allocates on top of what is already held (the peak's matrices, the
+            # modes built before it), so each row is its own figure.
+            held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             runner = make_runner(mode, model, config, shape, device)
             first_call[mode] = time_mode(runner, 1, device)  # compiles the compiled modes
             time_mode(runner, warmup, device)
-            memory[mode] = peak_memory_mb(device)
+            memory[mode] = peak_memory_mb(device) - held / 2 ** 20
             runners[mode] = runner
         except Exception as error:
             errors[mode] = report(log, f"{model} b{batch_size} {mode}", error)
@@ -292,11 +298,14 @@ def time_group(model: str, batch_size: int, steps: int, repeats: int, device: to
             "peak_memory_mb": memory[mode],
             "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
             "round_seconds": seconds[mode],
+            "vs_module": None,  # filled in below, once the group's module row is known
             "paired_vs_module": paired_ratio(seconds.get("module", []), seconds[mode]),
             "first_step_vs_eager": differences["first"].get(mode),
             "second_step_vs_eager": differences["second"].get(mode),
             "error": None,
         })
+    for row in rows:
+        row["vs_module"] = speedups(rows).get((model, batch_size, row["mode"]))
     return rows
 
 
@@ -359,6 +368,18 @@ def print_table(results: list[dict], machine_info: dict | None = None) -> None:
         console.print(f"peak MB: {kind}; float32 matmul peak {results[0]['peak_gflops']:.1f} GFLOP/s")
 
 
+def json_safe(value):
+    """`value` with every non-finite float as None: JSON has no NaN or Infinity (Python writes them,
+    strict parsers refuse them), and a step check of inf (a NaN metric) is what most needs reading."""
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def main(models: list[str] | None = None, batch_sizes: list[int] | None = None, steps: int = 20,
          repeats: int = 5, device: str = "auto", json_path: str | None = None,
          modes: list[str] | None = None, measure_compile: bool = True,
@@ -381,6 +402,13 @@ def main(models: list[str] | None = None, batch_sizes: list[int] | None = None, 
             raise ValueError(f"--json {json_path} is a directory: give a file name, e.g. {target / 'bench.json'}")
         if not target.parent.is_dir():
             raise ValueError(f"--json: the directory {target.parent} does not exist: create it or write elsewhere")
+        probe = target.with_name(f".{target.name}.{os.getpid()}.probe")  # the results go beside it, then renamed
+        try:
+            probe.write_text("")
+            probe.unlink()
+        except OSError as error:
+            raise ValueError(f"--json {json_path} cannot be written ({error.strerror or error}): "
+                             "choose another path") from None
     deadline = None if time_budget is None else time.monotonic() + time_budget
     torch_device = resolve_device(device)
     keep_freed_memory()
@@ -391,7 +419,11 @@ def main(models: list[str] | None = None, batch_sizes: list[int] | None = None, 
     def write(results: list[dict], complete: bool) -> None:
         if json_path:
             info["complete"] = complete
-            checkpoint.write_text(json_path, json.dumps({"machine": info, "results": results}, indent=2) + "\n")
+            text = json.dumps(json_safe({"machine": info, "results": results}), indent=2, allow_nan=False)
+            try:
+                checkpoint.write_text(json_path, text + "\n")
+            except OSError as error:  # e.g. the disk filled up mid-run: the timing goes on, the table is printed
+                print(f"note: could not write {json_path} ({error.strerror or error}); the previous copy is kept")
 
     results: list[dict] = []
 
