@@ -179,8 +179,8 @@ def test_a_json_write_that_fails_mid_run_loses_no_timing(tmp_path, monkeypatch, 
 def test_non_finite_values_are_written_as_json_null():
     """A NaN metric makes a step check inf; Python would write `Infinity`, which strict JSON refuses."""
     value = {"a": [float("inf"), 1.5], "b": {"c": float("nan")}, "d": "x", "e": None, "f": 2}
-    assert harness.json_safe(value) == {"a": [None, 1.5], "b": {"c": None}, "d": "x", "e": None, "f": 2}
-    json.loads(json.dumps(harness.json_safe(value), allow_nan=False))
+    assert bench.json_safe(value) == {"a": [None, 1.5], "b": {"c": None}, "d": "x", "e": None, "f": 2}
+    json.loads(json.dumps(bench.json_safe(value), allow_nan=False))
 
 
 def test_modes_and_groups_named_twice_are_timed_once():

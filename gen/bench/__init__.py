@@ -41,14 +41,15 @@ The package, one file per part:
     machine.py       the device, the float32 matmul peak, memory, timing
     modes.py         one runner per mode (compiled, undonated, eager, module, vmap-N, CUDA modes)
     compile_time.py  cold and warm compile seconds, in fresh processes
-    harness.py       groups, interleaved rounds, error rows, the table and the JSON
+    harness.py       groups, interleaved rounds, error rows; main (time, then print and write)
+    report.py        the table, × module, the JSON-safe results
 """
 
 from gen.bench.compile_time import compile_probe, compile_seconds
-from gen.bench.harness import ROW_FIELDS, available_models, available_modes, main, plan, print_table, run, \
-    speedups, time_group
+from gen.bench.harness import ROW_FIELDS, available_models, available_modes, main, plan, run, time_group
 from gen.bench.machine import keep_freed_memory, machine, matmul_peak_gflops, time_mode
 from gen.bench.modes import CUDA_MODES, MODELS, MODES, PEERS_DIR, \
     cudagraph_runner, donated_runner, flops_per_step, load_peers, make_runner, model_config, \
     synthetic_inputs
+from gen.bench.report import json_safe, print_table, speedups
 from gen.device import autocast_step, resolve_device
