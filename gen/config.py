@@ -85,7 +85,7 @@ def resolve(config: Config, defaults: dict) -> Config:
 def validate(config: Config) -> None:
     """Raise ValueError with a one-line message for settings that cannot work."""
     checks = [
-        (0 <= config.seed < 2**63, "--seed must be between 0 and 2^63 - 1"),  # what torch.Generator takes
+        (-2**63 <= config.seed < 2**64, "--seed must be between -2^63 and 2^64 - 1"),  # what torch.Generator takes
         (config.batch_size is None or config.batch_size >= 1, "--batch-size must be at least 1"),
         (config.lr is None or config.lr > 0, "--lr must be positive"),
         (config.epochs is None or config.epochs >= 1, "--epochs must be at least 1"),

@@ -38,7 +38,7 @@ class Family(NamedTuple):
     generate: Callable[[Tree, Config, tuple, int, torch.Generator], Tensor]
     evaluate: Callable[[Tree, Config, Dataset, int], dict[str, float]]
     batches_per_step: Callable[[Config], int] = lambda config: 1
-    image_side_multiple: int = 1  # convolutional models halve the image twice: sides must divide by 4
+    image_side_multiple: int = 1  # models with convolutions on images halve them twice: sides must divide by 4
 
 
 def learning_rate(config: Config) -> float | optim.Schedule:

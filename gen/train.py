@@ -78,8 +78,8 @@ def train(config: Config, out: str | Path, resume: bool = False, show_progress: 
         raise ValueError(f"--out {out} is a file, not a run folder: choose a directory")
     if checkpoint_path.exists() and not resume:
         raise ValueError(f"{out} already holds a checkpoint: pass --resume to continue it or choose another --out")
-    if not resume and out.is_dir() and any(out.iterdir()):
-        # Its config.json, metrics.jsonl or pictures may be someone's (or a dead run's) files.
+    if not resume and out.is_dir() and any(out.iterdir()) and not _unsaved_run(out):
+        # Its config.json, metrics.jsonl or pictures may be someone else's files.
         raise ValueError(f"--out {out} is not empty: a new run needs a new or empty folder; choose another --out")
     if resume and not checkpoint_path.exists():
         raise ValueError(f"nothing to resume: {checkpoint_path} does not exist")
@@ -106,6 +106,9 @@ def train(config: Config, out: str | Path, resume: bool = False, show_progress: 
         state = checkpoint.conform(checkpoint_path, loaded, state)
         start_step = metadata["step"]
         if start_step >= total_steps:
+            if config.lr_schedule != "constant":
+                raise ValueError(f"{out} is already trained for {start_step} steps, the end of its "
+                                 f"{config.lr_schedule} learning-rate schedule: a longer run needs a new --out")
             raise ValueError(f"{out} is already trained for {start_step} steps: raise --epochs or --steps to "
                              "train further")
     try:
@@ -251,6 +254,19 @@ class _InterruptAtStepBoundary:
     def raise_if_requested(self) -> None:
         if self.requested:
             raise KeyboardInterrupt
+
+
+def _unsaved_run(out: Path) -> bool:
+    """Whether `out` holds only what a gen run writes before its first checkpoint (its config.json,
+    metrics.jsonl, samples/): a run that diverged, ran out of memory or was killed early, which a
+    new run may take over. Anything else in it, or a config.json gen did not write, is not that."""
+    if not {entry.name for entry in out.iterdir()} <= {"config.json", "metrics.jsonl", "samples"}:
+        return False
+    try:
+        written = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(written, dict) and {"model", "data", "seed"} <= written.keys() <= set(Config.__dataclass_fields__)
 
 
 def _batch(train_data: torch.Tensor, config: Config, per_step: int, epoch: int, index: int) -> torch.Tensor:

@@ -58,6 +58,11 @@ def test_a_diverging_run_stops_with_one_line_and_saves_nothing(tmp_path):
     assert_one_line_error(result, "training diverged: the logged metrics became NaN or infinite by step 5; "
                                   "no checkpoint was written: start a new run with a lower --lr")
     assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
+    # the same command with a sound --lr may take the folder over: it holds only the failed run's files
+    retried = gen("train", "vae", "--steps", 20, "--log-every", 5, "--no-compile", "--no-progress",
+                  "--out", tmp_path / "run")
+    assert retried.exit_code == 0, retried.output
+    assert (tmp_path / "run" / "checkpoint.safetensors").exists()
 
 
 def test_checkpoints_with_damaged_metadata_get_one_line_errors(run, tmp_path):
@@ -134,8 +139,8 @@ def test_resume_extends_a_run(run, tmp_path):
     (["train", "vae", "--device", "tpu"], "unknown device 'tpu'"),
     (["train", "vae", "--precision", "fp16"], "--precision must be float32 or bf16"),
     (["train", "vae", "--weight-decay", "0.1"], "use it with --optimizer adamw"),
-    (["train", "vae", "--seed", str(2**64)], "--seed must be between 0 and 2^63 - 1"),
-    (["train", "vae", "--seed", "-1"], "--seed must be between 0 and 2^63 - 1"),
+    (["train", "vae", "--seed", str(2**64)], "--seed must be between -2^63 and 2^64 - 1"),
+    (["train", "vae", "--seed", str(-2**63 - 1)], "--seed must be between -2^63 and 2^64 - 1"),
     (["sample", "/nonexistent/run"], "does not exist"),
     (["info", "/nonexistent/checkpoint.safetensors"], "does not exist"),
 ])
@@ -164,6 +169,7 @@ def test_corrupt_checkpoint_is_refused_and_left_alone(run, tmp_path):
     (["--precision", "bf16"], "--precision cannot change when resuming"),
     (["--seed", "1"], "--seed cannot change when resuming: the run has 0"),
     (["--optimizer", "adamw"], "--optimizer cannot change when resuming"),
+    (["--weight-decay", "0.5"], "--weight-decay cannot change when resuming: the run has 0.0"),
     (["--steps", "0"], "--steps must be at least 1"),  # refused like a new run's, not dropped
     (["--data", "fashion-mnist"], "holds a run on 'digits', not 'fashion-mnist'"),
 ])
@@ -181,6 +187,9 @@ def test_resume_refuses_to_lengthen_a_decaying_schedule(tmp_path):
                "--out", out).exit_code == 0
     assert_one_line_error(gen("train", "vae", "--resume", "--steps", 8, "--no-compile", "--no-progress", "--out", out),
                           "cosine learning-rate schedule reaches 0 at step 4")
+    assert_one_line_error(gen("train", "vae", "--resume", "--no-compile", "--no-progress", "--out", out),
+                          "already trained for 4 steps, the end of its cosine learning-rate schedule: a longer run "
+                          "needs a new --out")
 
 
 def test_resume_accepts_options_that_restate_the_run(run, tmp_path):
@@ -326,7 +335,7 @@ def test_bad_gan_settings_get_one_line_errors(args, fragment, tmp_path):
                           fragment)
 
 
-@pytest.mark.parametrize("model", ["conv-vae", "dcgan"])
+@pytest.mark.parametrize("model", ["conv-vae", "dcgan", "wgan-gp", "sngan"])
 def test_convolutional_models_refuse_image_sides_not_divisible_by_4(tmp_path, model):
     (tmp_path / "idx10").mkdir()
     write_idx_dir(tmp_path / "idx10", size=10)  # two stride-2 layers: 10 -> 5 -> 2, decoded back to 8

@@ -236,6 +236,15 @@ def test_a_new_run_refuses_a_folder_that_is_not_empty(tmp_path):
     assert (tmp_path / "config.json").read_text() == "my settings"
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 3}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "metrics.jsonl"]
+    # gen's own config.json beside a file of someone else's: still refused
+    (tmp_path / "config.json").write_text(json.dumps(Config(model="vae").to_dict()))
+    (tmp_path / "metrics.jsonl").write_text("")
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="is not empty"):
+        training.train(Config(model="vae", steps=2, compile=False), tmp_path, show_progress=False)
+    (tmp_path / "notes.txt").unlink()  # only what a run writes before its first checkpoint: taken over
+    training.train(Config(model="vae", steps=2, compile=False), tmp_path, show_progress=False)
+    assert checkpoint.read_metadata(tmp_path / training.CHECKPOINT)["step"] == 2
 
 
 @pytest.mark.parametrize("config, message", [
