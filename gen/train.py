@@ -266,7 +266,8 @@ def _unsaved_run(out: Path) -> bool:
         written = json.loads((out / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(written, dict) and {"model", "data", "seed"} <= written.keys() <= set(Config.__dataclass_fields__)
+    known = set(Config.__dataclass_fields__)
+    return isinstance(written, dict) and {"model", "data", "seed"} <= written.keys() <= known
 
 
 def _batch(train_data: torch.Tensor, config: Config, per_step: int, epoch: int, index: int) -> torch.Tensor:

@@ -68,7 +68,8 @@ def plan(names: list[str] | None, batch_sizes: list[int] | None) -> list[tuple[s
             raise ValueError(f"bad model entry '{name}': batch sizes must be at least 1")
         entries.append((model, own))
     present = set(available_models([model for model, _ in entries]))
-    groups = [(model, b) for model, own in entries if model in present for b in own or batch_sizes or MODELS[model][2]]
+    groups = [(model, b) for model, own in entries if model in present
+              for b in own or batch_sizes or MODELS[model][2]]
     return list(dict.fromkeys(groups))  # a group named twice is timed once
 
 
@@ -305,8 +306,9 @@ def time_group(model: str, batch_size: int, steps: int, repeats: int, device: to
             "second_step_vs_eager": differences["second"].get(mode),
             "error": None,
         })
+    ratios = speedups(rows)
     for row in rows:
-        row["vs_module"] = speedups(rows).get((model, batch_size, row["mode"]))
+        row["vs_module"] = ratios.get((model, batch_size, row["mode"]))
     return rows
 
 
