@@ -208,9 +208,13 @@ def spectral_normalize(weight: Tensor, state: Params, n_power_iterations: int = 
     """
     matrix = weight.flatten(1)                                          # (out, in·k·k)
     u = state["u"]
-    with torch.no_grad():
-        for _ in range(n_power_iterations):
-            v = F.normalize(matrix.t() @ u, dim=0, eps=eps)
-            u = F.normalize(matrix @ v, dim=0, eps=eps)
-    sigma = torch.dot(u, matrix @ v)
+    # Outside any autocast (`--precision bf16`): u is state that must keep its dtype in the
+    # checkpoint, and σ divides every weight, so a bfloat16 σ (3 significant digits) would scale the
+    # whole layer by its rounding error. These are matrix-vector products: float32 costs nothing.
+    with torch.autocast(weight.device.type, enabled=False):
+        with torch.no_grad():
+            for _ in range(n_power_iterations):
+                v = F.normalize(matrix.t() @ u, dim=0, eps=eps)
+                u = F.normalize(matrix @ v, dim=0, eps=eps)
+        sigma = torch.dot(u, matrix @ v)
     return weight / sigma, {"u": u}

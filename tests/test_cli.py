@@ -269,6 +269,24 @@ def test_gan_run_reports_its_own_losses_and_mode_coverage(tmp_path):
     assert (out / "loss.png").stat().st_size > 0
 
 
+def test_a_bf16_sngan_run_keeps_float32_state_and_can_be_sampled_and_resumed(tmp_path):
+    """Under `--precision bf16` the spectral norm's power-iteration vector u is state too: it must
+    come out of the autocast step float32, or the checkpoint no longer matches its own config."""
+    out = tmp_path / "sngan"
+    common = ("--precision", "bf16", "--hidden-dim", 32, "--batch-size", 64, "--lr-schedule", "constant",
+              "--log-every", 2, "--no-compile", "--no-progress", "--out", out)
+    assert gen("train", "sngan", "--steps", 4, *common).exit_code == 0
+    state = load_file(out / "checkpoint.safetensors")
+    assert any(".u" in name for name in state)
+    assert {t.dtype for t in state.values()} <= {torch.float32, torch.int64}, \
+        {n: t.dtype for n, t in state.items() if t.dtype not in (torch.float32, torch.int64)}
+    result = gen("sample", out, "--out", tmp_path / "samples.png")
+    assert result.exit_code == 0, result.output
+    result = gen("train", "sngan", "--steps", 6, "--resume", *common)
+    assert result.exit_code == 0, result.output
+    assert "trained 6 steps" in result.output
+
+
 def test_resume_follows_a_moved_idx_directory(tmp_path):
     """A run on a directory of IDX files resumes with the directory's new path as --data."""
     (tmp_path / "old").mkdir()
