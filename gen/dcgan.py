@@ -1,12 +1,12 @@
 """DCGAN's convolutional generator and discriminator for small grey images
 (Radford et al. 2016), in the two-stride-2-layer form used for 28x28 MNIST:
 
-    G: z(100) → Linear(128·b·b, no bias) → BN → ReLU → (128, b, b)
+    G: z(100) → Linear(128·h·w, no bias) → BN → ReLU → (128, h, w)
          → ConvT(128→64, k4 s2 p1, no bias) → BN → ReLU → ConvT(64→C, k4 s2 p1) → tanh
     D: x → Conv(C→64, k4 s2 p1) → LReLU(0.2) → Conv(64→128, k4 s2 p1, no bias) → BN → LReLU(0.2)
-         → Linear(128·b·b → 1)
+         → Linear(128·h·w → 1)
 
-with base b = H/4 (7 for 28x28, 2 for 8x8 digits). The discriminator's
+with (h, w) = (H/4, W/4): (7, 7) for 28x28 MNIST, (2, 2) for 8x8 digits. The discriminator's
 normalisation is a choice: "batch" (DCGAN), "spectral" (SN-DCGAN, Miyato et
 al. 2018: every weight divided by its spectral norm, no batch norm) or "none"
 (the WGAN-GP critic, whose per-example gradient penalty batch norm would
@@ -55,12 +55,12 @@ def _batch_norm(params: Params, state: Params, name: str, x: Tensor, training: b
 
 
 def generator_init(generator: torch.Generator, shape: tuple, latent_dim: int) -> tuple[Params, Params]:
-    channels, height, _ = shape
-    base = height // 4
-    norm1, norm1_state = nn.batch_norm_init(2 * WIDTH * base * base)
+    channels, height, width = shape
+    base = (height // 4) * (width // 4)  # the projection's feature map, (H/4)·(W/4)
+    norm1, norm1_state = nn.batch_norm_init(2 * WIDTH * base)
     norm2, norm2_state = nn.batch_norm_init(WIDTH)
     params = {
-        **with_prefix("project", nn.linear_init(generator, latent_dim, 2 * WIDTH * base * base, bias=False)),
+        **with_prefix("project", nn.linear_init(generator, latent_dim, 2 * WIDTH * base, bias=False)),
         **with_prefix("project_norm", norm1),
         **with_prefix("deconv1", nn.conv_transpose2d_init(generator, 2 * WIDTH, WIDTH, 4, bias=False)),
         **with_prefix("deconv1_norm", norm2),
@@ -72,10 +72,9 @@ def generator_init(generator: torch.Generator, shape: tuple, latent_dim: int) ->
 
 def generator(params: Params, state: Params, z: Tensor, shape: tuple, training: bool) -> tuple[Tensor, Params]:
     """z (B, latent) → images (B, C, H, W) in [-1, 1]."""
-    base = shape[1] // 4
-    h = nn.linear(take(params, "project"), z)                                     # (B, 128·b·b)
+    h = nn.linear(take(params, "project"), z)                                     # (B, 128·H/4·W/4)
     h, state = _batch_norm(params, state, "project_norm", h, training)
-    h = F.relu(h).unflatten(1, (2 * WIDTH, base, base))                          # (B, 128, H/4, W/4)
+    h = F.relu(h).unflatten(1, (2 * WIDTH, shape[1] // 4, shape[2] // 4))        # (B, 128, H/4, W/4)
     h = nn.conv_transpose2d(take(params, "deconv1"), h, stride=2, padding=1)      # (B, 64, H/2, W/2)
     h, state = _batch_norm(params, state, "deconv1_norm", h, training)
     h = nn.image_conv_transpose2d(take(params, "deconv2"), F.relu(h), stride=2, padding=1)  # (B, C, H, W)
@@ -86,8 +85,7 @@ def generator(params: Params, state: Params, z: Tensor, shape: tuple, training: 
 
 
 def discriminator_init(generator: torch.Generator, shape: tuple, norm: str = "batch") -> tuple[Params, Params]:
-    channels, height, _ = shape
-    base = height // 4
+    channels, height, width = shape
     batch = norm == "batch"
     norm_params, norm_state = nn.batch_norm_init(2 * WIDTH)
     params = {
@@ -95,7 +93,7 @@ def discriminator_init(generator: torch.Generator, shape: tuple, norm: str = "ba
         # DCGAN drops the bias before batch norm (its shift β does the job).
         **with_prefix("conv2", nn.conv2d_init(generator, WIDTH, 2 * WIDTH, 4, bias=not batch)),
         **(with_prefix("conv2_norm", norm_params) if batch else {}),
-        **with_prefix("output", nn.linear_init(generator, 2 * WIDTH * base * base, 1)),
+        **with_prefix("output", nn.linear_init(generator, 2 * WIDTH * (height // 4) * (width // 4), 1)),
     }
     params = dcgan_normal_(generator, params)
     state = with_prefix("conv2_norm", norm_state) if batch else {}

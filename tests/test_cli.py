@@ -363,6 +363,19 @@ def test_convolutional_models_refuse_image_sides_not_divisible_by_4(tmp_path, mo
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("model", ["conv-vae", "dcgan", "wgan-gp", "sngan"])
+def test_convolutional_models_train_and_sample_non_square_images(tmp_path, model):
+    """12 high by 8 wide: each side carries its own size through the stride-2 layers."""
+    (tmp_path / "idx12x8").mkdir()
+    write_idx_dir(tmp_path / "idx12x8", n_train=24, size=12, width=8)
+    out = tmp_path / "run"
+    result = gen("train", model, "--data", tmp_path / "idx12x8", "--batch-size", 4, "--steps", 2, "--no-compile",
+                 "--no-progress", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert gen("sample", out, "--n", 3, "--out", tmp_path / "samples.safetensors").exit_code == 0
+    assert load_file(tmp_path / "samples.safetensors")["samples"].shape == (3, 1, 12, 8)
+
+
 def test_iwae_and_conv_vae_train_from_the_cli(tmp_path):
     for model, extra in (("vae", ["--iwae-k", "4"]), ("conv-vae", [])):
         result = gen("train", model, *extra, "--steps", 5, "--no-compile", "--no-progress", "--out", tmp_path / model)
