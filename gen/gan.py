@@ -7,7 +7,8 @@ n_critic real batches (n_critic = 1 except WGAN-GP), then G once; every loss
 below is per example, in terms of D's logits, and the step minimises batch
 means. Images enter the networks in [-1, 1] (the tanh generator's range);
 2D points stay in data space. With `--ema-decay d` the state also carries an
-exponential moving average of G's weights, which sampling and evaluation use.
+exponential moving average of G's weights (bias-corrected, so it starts at G's
+first update rather than its init), which sampling and evaluation use.
 """
 
 import math
@@ -23,6 +24,7 @@ from gen.config import Config
 from gen.data import Dataset
 from gen.metrics import mode_coverage
 from gen.models import Family, make_optimizer
+from gen.optim import power
 from gen.tree import Params, Tree, leaves, take, with_leaves, with_prefix
 
 # --- losses: D(x) is a logit, σ(D(x)) the probability that x is real ---------------------
@@ -323,8 +325,15 @@ def make_step(config: Config, shape: tuple):
         g_params, g_opt = g_optimizer.update(grads, g_opt, g_params)
         ema = {}
         if ema_decay:
-            # ema ← d·ema + (1 − d)·θ_G after G's update (Yazıcı et al. 2019, §2)
-            ema = {name: ema_decay * state["ema"][name] + (1 - ema_decay) * value
+            # The bias-corrected EMA of G's weights after its update (Yazıcı et al. 2019, §2, with
+            # Adam's correction): m_t = d·m_{t−1} + (1 − d)·θ_t from m_0 = 0, and θ̄_t = m_t / (1 − dᵗ),
+            # kept in its corrected form:
+            #     θ̄_t = θ̄_{t−1} + w_t·(θ_t − θ̄_{t−1}),   w_t = (1 − d) / (1 − dᵗ)
+            # w_1 = 1, so the average never holds G's random init: uncorrected, with d = 0.999, a
+            # 200-step run would sample from weights still 82% (0.999²⁰⁰) those of the init.
+            t = g_opt["count"].to(torch.float64)                         # G's updates, this one included
+            weight = ((1 - ema_decay) / (1 - power(ema_decay, t))).to(torch.float32)
+            ema = {name: state["ema"][name] + weight * (value - state["ema"][name])
                    for name, value in with_prefix("generator", g_params).items()}
         new_state = pack_state({**with_prefix("generator", g_params), **with_prefix("discriminator", d_params)},
                                {"generator": g_opt, "discriminator": d_opt},

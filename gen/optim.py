@@ -56,8 +56,8 @@ def adam(lr: float | Schedule = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: f
         # per 16 parameters (two per vector, 80k calls per VAE step: 1.5 ms of its Adam
         # kernels on 2 cores); an expression with exp in it that several kernels read is
         # computed once into a buffer instead (measured: the VAE's Adam 1.54 → 0.62 ms).
-        step_size = (lr_t / (1 - _power(b1, t))).to(torch.float32)
-        bias_correction2_sqrt = (1 - _power(b2, t)).sqrt().to(torch.float32)
+        step_size = (lr_t / (1 - power(b1, t))).to(torch.float32)
+        bias_correction2_sqrt = (1 - power(b2, t)).sqrt().to(torch.float32)
         new_params, mu, nu = {}, {}, {}
         for k, g in grads.items():
             p = params[k]
@@ -124,8 +124,9 @@ def cosine_decay(lr: float, decay_steps: int) -> Schedule:
     return schedule
 
 
-def _power(base: float, t: Tensor) -> Tensor:
-    """base^t for t ≥ 1 as exp(t log base) (see adam); 0 when base = 0 (SNGAN's β1 = 0)."""
+def power(base: float, t: Tensor) -> Tensor:
+    """base^t for t ≥ 1 as exp(t log base) (see adam); 0 when base = 0 (SNGAN's β1 = 0).
+    Also the bias correction of gen.gan's weight average."""
     return torch.exp(t * math.log(base)) if base > 0 else torch.zeros_like(t)
 
 

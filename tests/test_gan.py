@@ -252,33 +252,44 @@ def test_gan_step_compiles_once_and_matches_eager():
             for name in eager_metrics:
                 assert torch.allclose(compiled_metrics[name], eager_metrics[name], atol=1e-5), name
         assert list(compiled_state) == list(state) == ["params", "opt_state", "ema"]
+        weight = 0.1 / (1 - 0.9 ** (i + 1))  # θ̄_t = θ̄_{t−1} + w_t·(θ_t − θ̄_{t−1}), w_t = (1 − d) / (1 − dᵗ)
         for name, average in compiled_state["ema"].items():
-            expected = 0.9 * previous_ema[name] + 0.1 * compiled_state["params"][name]
+            expected = previous_ema[name] + weight * (compiled_state["params"][name] - previous_ema[name])
             assert torch.allclose(average, expected, atol=1e-6), name
     assert counters["stats"]["unique_graphs"] - graphs_before == 1
 
 
-def test_ema_update_follows_its_equation_and_starts_at_the_initial_weights():
+def test_ema_is_the_bias_corrected_average_of_the_generators_updates():
     config = family_config("gan", data="ring8", hidden_dim=8, batch_size=8, ema_decay=0.75)
     state = gan.init(config, (2,), 0)
     g_params = {k: v for k, v in state["params"].items() if k.startswith("generator.")}
     assert list(state["ema"]) == list(g_params)
-    for name, value in g_params.items():
+    for name, value in g_params.items():  # before any update: G's own weights, as a copy
         assert torch.equal(state["ema"][name], value) and state["ema"][name] is not value, name
-    new, _ = gan.make_step(config, (2,))(state, torch.randn(8, 2), noise(config, (2,), 8))
-    assert list(new) == list(state) == ["params", "opt_state", "ema"] and list(new["ema"]) == list(state["ema"])
-    for name in g_params:  # ema ← d·ema + (1 − d)·θ_G, θ_G after this step's update
-        assert not torch.equal(new["params"][name], state["params"][name]), name
-        expected = 0.75 * state["ema"][name] + 0.25 * new["params"][name]
-        assert torch.allclose(new["ema"][name], expected, atol=1e-7), name
+    step, d = gan.make_step(config, (2,)), 0.75
+    generated = torch.Generator().manual_seed(0)
+    history, moment = [], {name: torch.zeros_like(v) for name, v in g_params.items()}
+    for t in range(1, 4):
+        new, _ = step(state, torch.randn(8, 2, generator=generated), noise(config, (2,), 8))
+        assert list(new) == list(state) == ["params", "opt_state", "ema"] and list(new["ema"]) == list(state["ema"])
+        for name in g_params:
+            assert not torch.equal(new["params"][name], state["params"][name]), name
+            # m_t = d·m_{t−1} + (1 − d)·θ_t from m_0 = 0; the average is m_t / (1 − dᵗ)
+            moment[name] = d * moment[name] + (1 - d) * new["params"][name]
+            assert torch.allclose(new["ema"][name], moment[name] / (1 - d ** t), atol=1e-6), (t, name)
+        history.append(new)
+        state = new
+    for name in g_params:  # the first update's weights exactly, with no trace of the init
+        assert torch.equal(history[0]["ema"][name], history[0]["params"][name]), name
     assert "ema" not in gan.init(family_config("gan", hidden_dim=8), (2,), 0)  # off by default
 
 
 @pytest.mark.parametrize("model, shape", [("gan", (2,)), ("dcgan", (1, 8, 8))])
 def test_sampling_and_evaluation_use_the_ema_weights(model, shape):
     config = family_config(model, hidden_dim=8, batch_size=8, ema_decay=0.5)
-    state = gan.init(config, shape, 0)
-    state, _ = gan.make_step(config, shape)(state, torch.rand(8, *shape), noise(config, shape, 8))
+    state, step = gan.init(config, shape, 0), gan.make_step(config, shape)
+    for _ in range(2):  # after one update the average is that update's weights: two, so they differ
+        state, _ = step(state, torch.rand(8, *shape), noise(config, shape, 8))
     sample = lambda s: gan.generate(s, config, shape, 16, torch.Generator().manual_seed(3))  # noqa: E731
     swapped = {**state, "params": {**state["params"], **state["ema"]}}      # EMA weights as the live ones
     without = {k: v for k, v in state.items() if k != "ema"}
