@@ -196,6 +196,34 @@ def test_spectral_normalize_converges_to_largest_singular_value():
     assert abs(torch.linalg.matrix_norm(normalized, ord=2).item() - 1) < 1e-4
 
 
+def test_spectral_normalize_trains_like_torch_spectral_norm():
+    """Five SGD steps of a spectrally normalised conv layer, against torch.nn.utils.spectral_norm from
+    the same weights and u: the same u after each power iteration, the same gradient (u and v held
+    constant in σ = uᵀWv), the same weights."""
+    torch.manual_seed(0)
+    module = tnn.utils.spectral_norm(tnn.Conv2d(3, 6, 3))
+    params = {"weight": module.weight_orig.detach().clone(), "bias": module.bias.detach().clone()}
+    state = {"u": module.weight_u.clone()}
+    initial_weight = params["weight"].clone()
+    x = torch.randn(4, 3, 8, 8, generator=generator(5))
+
+    def loss(params, state):
+        weight, new_state = nn.spectral_normalize(params["weight"], state)
+        return nn.conv2d({"weight": weight, "bias": params["bias"]}, x).square().mean(), new_state
+
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.5)
+    for step in range(5):
+        grads, state = grad(loss, has_aux=True)(params, state)
+        optimizer.zero_grad()
+        module(x).square().mean().backward()  # the module's forward runs its power iteration
+        optimizer.step()
+        torch.testing.assert_close(state["u"], module.weight_u, msg=f"u, step {step}")
+        torch.testing.assert_close(grads["weight"], module.weight_orig.grad, msg=f"gradient, step {step}")
+        params = {name: value - 0.5 * grads[name] for name, value in params.items()}
+        torch.testing.assert_close(params["weight"], module.weight_orig.detach(), msg=f"weight, step {step}")
+    assert not torch.allclose(params["weight"], initial_weight)  # it trained
+
+
 def test_prefix_and_take_are_inverse():
     params = nn.linear_init(generator(), 2, 3)
     model = {**with_prefix("encoder.fc", params), **with_prefix("decoder.fc", nn.linear_init(generator(), 3, 2))}
