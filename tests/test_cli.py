@@ -353,6 +353,14 @@ def test_bad_gan_settings_get_one_line_errors(args, fragment, tmp_path):
                           fragment)
 
 
+@pytest.mark.parametrize("model", ["dcgan", "wgan-gp", "sngan"])
+def test_image_gans_refuse_a_batch_of_one_for_their_batch_norm(tmp_path, model):
+    assert_one_line_error(gen("train", model, "--data", "digits", "--batch-size", 1, "--steps", 2, "--no-compile",
+                              "--no-progress", "--out", tmp_path / "run"),
+                          f"--batch-size 1 is too small for {model}'s batch norm on images")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("model", ["conv-vae", "dcgan", "wgan-gp", "sngan"])
 def test_convolutional_models_refuse_image_sides_not_divisible_by_4(tmp_path, model):
     (tmp_path / "idx10").mkdir()
