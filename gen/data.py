@@ -11,6 +11,7 @@ step never recompiles.
 import gzip
 import math
 import struct
+import zlib
 from importlib import resources
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -59,6 +60,9 @@ def load(name: str, data_dir: str | None = None, seed: int = 0) -> Dataset:
     path = Path(name)
     if path.is_dir():
         return load_idx_dir(path, path.name)
+    if path.exists():
+        raise DataError(f"--data '{name}' is a file, not a directory: give --data the directory that holds "
+                        "the IDX files")
     if len(path.parts) > 1:  # a path, not a misspelt name (e.g. a run's IDX directory that has moved)
         raise DataError(f"data directory '{name}' does not exist: give --data the directory that holds "
                         "the IDX files")
@@ -136,26 +140,44 @@ def read_idx(path: Path) -> Tensor:
     """Parse one IDX file (raw or gzip) of unsigned bytes.
 
     Header: two zero bytes, a type code (0x08 = unsigned byte), the number of
-    dimensions d, then d big-endian uint32 sizes; the data follows."""
+    dimensions d, then d big-endian uint32 sizes; the data follows. The file is
+    read as a stream and never past the header's size plus one byte, so a small
+    gzip file that inflates to gigabytes costs no more memory than its header
+    promises."""
     path = Path(path)
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as error:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as stream:
+            return _parse_idx(path, stream)
+    except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError; zlib.error is not
         raise DataError(f"cannot read {path}: {error}; replace the file with a good copy") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+
+
+def _parse_idx(path: Path, stream) -> Tensor:
+    magic = stream.read(4)
+    if len(magic) < 4 or magic[0] != 0 or magic[1] != 0:
         raise DataError(f"{path} is not an IDX file (bad magic number); expected MNIST-format data")
-    type_code, ndim = raw[2], raw[3]
+    type_code, ndim = magic[2], magic[3]
     if type_code != 0x08:
         raise DataError(f"{path}: IDX type code 0x{type_code:02x} is not supported; only unsigned bytes (0x08)")
-    if ndim == 0 or len(raw) < 4 + 4 * ndim:
+    sizes = stream.read(4 * ndim)
+    if ndim == 0 or len(sizes) < 4 * ndim:
         raise DataError(f"{path}: truncated IDX header ({ndim} dimensions); replace the file with a good copy")
-    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    shape = struct.unpack(f">{ndim}I", sizes)
     expected = math.prod(shape)
-    data = raw[4 + 4 * ndim:]
+    if expected == 0:
+        raise DataError(f"{path}: header says shape {shape}, which holds no data; replace the file with a good copy")
+    data = bytearray()
+    while len(data) <= expected:  # one byte past the promised size tells a file that holds more
+        chunk = stream.read(min(1 << 24, expected + 1 - len(data)))
+        if not chunk:
+            break
+        data += chunk
     if len(data) != expected:
+        held = f"{len(data)} bytes" if len(data) < expected else "more"
         raise DataError(f"{path}: header says shape {shape} ({expected} bytes) but the file holds "
-                        f"{len(data)} bytes; replace the file with a good copy")
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).reshape(shape)
+                        f"{held}; replace the file with a good copy")
+    return torch.frombuffer(data, dtype=torch.uint8).reshape(shape)
 
 
 # --- 2D toy mixtures ---------------------------------------------------------------

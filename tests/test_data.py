@@ -38,6 +38,9 @@ def test_idx_directory_loads_as_images(tmp_path, compress):
     (b"\x00\x00\x08\x03\x00\x00", "truncated IDX header"),
     (b"\x00\x00\x08\x01\x00\x00\x00\x09\x05", "header says shape (9,)"),
     (b"\x00\x00", "bad magic"),
+    (b"\x00\x00\x08\x01\x00\x00\x00\x01\x05\x06", "header says shape (1,) (1 bytes) but the file holds more"),
+    (b"\x00\x00\x08\x03\x00\x00\x00\x00\x00\x00\x00\x1c\x00\x00\x00\x1c", "holds no data"),  # 0 images
+    (b"\x00\x00\x08\x03\x00\x00\x00\x05\x00\x00\x00\x00\x00\x00\x00\x1c", "holds no data"),  # 0 rows
 ])
 def test_malformed_idx_files_get_one_line_errors(tmp_path, content, message):
     path = tmp_path / "bad-idx"
@@ -52,6 +55,44 @@ def test_corrupt_gzip_is_a_data_error(tmp_path):
     path.write_bytes(b"not gzip at all")
     with pytest.raises(data.DataError, match="cannot read"):
         data.read_idx(path)
+
+
+def test_gzip_with_damaged_compressed_data_is_a_data_error(tmp_path):
+    """A flipped byte inside the deflate stream raises zlib.error, which is not an OSError."""
+    path = tmp_path / "x.gz"
+    write_idx(path, torch.randint(0, 256, (20, 28, 28), generator=torch.Generator().manual_seed(0)), compress=True)
+    damaged = bytearray(path.read_bytes())
+    damaged[10] ^= 0xFF
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(data.DataError, match=f"cannot read {path}: .*replace the file with a good copy"):
+        data.read_idx(path)
+
+
+def test_a_small_gzip_that_inflates_past_its_header_is_refused_without_inflating_it(tmp_path):
+    """A 20x28x28 header followed by 64 MiB of zeros (65 KB compressed): read_idx stops one byte past
+    the 15,680 bytes the header promises, instead of inflating it all."""
+    import gzip
+    import tracemalloc
+    header = bytes([0, 0, 8, 3]) + (20).to_bytes(4, "big") + (28).to_bytes(4, "big") + (28).to_bytes(4, "big")
+    path = tmp_path / "bomb.gz"
+    with gzip.open(path, "wb") as bomb:
+        bomb.write(header)
+        for _ in range(64):
+            bomb.write(bytes(1 << 20))
+    tracemalloc.start()  # Python's own allocations, where inflated bytes would land
+    try:
+        with pytest.raises(data.DataError, match="header says shape"):
+            data.read_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, peak
+
+
+def test_a_file_given_as_the_data_directory_is_named_as_a_file(tmp_path):
+    write_idx_dir(tmp_path)
+    with pytest.raises(data.DataError, match="is a file, not a directory"):
+        data.load(str(tmp_path / "train-images-idx3-ubyte"))
 
 
 def test_missing_files_and_unknown_names_are_data_errors(tmp_path):
