@@ -166,6 +166,17 @@ def test_a_json_path_that_cannot_be_written_is_refused_before_the_run(tmp_path, 
     assert list((tmp_path / "readonly").iterdir()) == []
 
 
+def test_a_json_path_holding_a_gen_checkpoint_is_refused_before_the_run(tmp_path, monkeypatch):
+    from gen import checkpoint
+    monkeypatch.setattr(harness, "run", lambda *args, **kwargs: pytest.fail("the run started"))
+    path = tmp_path / "ck.safetensors"
+    checkpoint.save(path, {"w": torch.ones(2)}, {"model": "vae"})
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="ck.safetensors is a gen checkpoint, .*give another file name"):
+        harness.main(models=["gan-2d"], json_path=str(path))
+    assert path.read_bytes() == before
+
+
 def test_a_json_write_that_fails_mid_run_loses_no_timing(tmp_path, monkeypatch, capsys):
     def disk_full(path, text):
         raise OSError(28, "No space left on device")

@@ -343,6 +343,9 @@ def main(models: list[str] | None = None, batch_sizes: list[int] | None = None, 
         target = Path(json_path)
         if target.is_dir():
             raise ValueError(f"--json {json_path} is a directory: give a file name, e.g. {target / 'bench.json'}")
+        if checkpoint.is_checkpoint(target):  # a training state: never overwritten, as gen sample refuses too
+            raise ValueError(f"--json {json_path} is a gen checkpoint, which the results would replace: "
+                             "give another file name, e.g. bench.json")
         if not target.parent.is_dir():
             raise ValueError(f"--json: the directory {target.parent} does not exist: create it or write elsewhere")
         probe = target.with_name(f".{target.name}.{os.getpid()}.probe")  # the results go beside it, then renamed
