@@ -190,7 +190,7 @@ def write_samples(source: Path, n: int, out: Path, seed: int, device: str) -> No
     from safetensors.torch import save_file
 
     from gen import checkpoint, data, models, plots, rng
-    from gen.config import Config
+    from gen.config import Config, validate
     from gen.device import resolve_device
     from gen.train import CHECKPOINT
     from gen.tree import to_device
@@ -205,8 +205,23 @@ def write_samples(source: Path, n: int, out: Path, seed: int, device: str) -> No
     loaded, metadata = checkpoint.load(path)
     family = models.get(metadata["model"])
     config = Config.from_dict(metadata["config"])
-    shape = tuple(metadata["shape"])
-    template = to_device(family.init(config, shape, config.seed), resolve_device(device))
+    shape, kind = tuple(metadata["shape"]), metadata["data_kind"]
+    damaged = f"{path}'s metadata is damaged (" + "{}): use another checkpoint"
+    try:
+        validate(config)  # what `train --resume` checks too: a size of -5 or 0 breaks the model's init
+    except ValueError as error:
+        raise ValueError(damaged.format(f"its config: {error}")) from None
+    if config.model != metadata["model"]:
+        raise ValueError(damaged.format(f"model '{metadata['model']}' but a '{config.model}' config"))
+    if kind not in family.data_kinds or data.kind_of(config.data) != kind:
+        raise ValueError(damaged.format(f"a {metadata['model']} model trained on '{config.data}' cannot make {kind}"))
+    target = resolve_device(device)
+    try:
+        template = to_device(family.init(config, shape, config.seed), target)
+    except (RuntimeError, MemoryError) as error:
+        if not out_of_memory(error):
+            raise
+        raise ValueError(f"not enough memory to build the model of {path}: sample it on a bigger machine") from None
     state = checkpoint.conform(path, loaded, template)
     too_many = f"not enough memory for {n:,} samples at once: ask for fewer with --n"
     if n * math.prod(shape) * 4 > physical_memory_bytes():  # float32 samples alone would not fit
@@ -218,7 +233,7 @@ def write_samples(source: Path, n: int, out: Path, seed: int, device: str) -> No
             if out.suffix == ".safetensors":
                 save_file({"samples": samples.contiguous()}, temporary,
                           metadata={"model": metadata["model"], "step": str(metadata["step"])})
-            elif metadata["data_kind"] == "image":
+            elif kind == "image":
                 plots.image_grid(samples, temporary, scale=plots.upscale_for_viewing(shape[-1]))
             else:
                 reference = data.load(config.data, config.data_dir, config.seed).test[:n]
@@ -259,7 +274,7 @@ def info(source: Annotated[Path, typer.Argument(help="a run folder or a checkpoi
     """Print a checkpoint's model, data, step, parameter count and config."""
     from gen import checkpoint
     from gen.train import CHECKPOINT
-    from gen.tree import count_parameters
+    from gen.tree import leaves
 
     path = source / CHECKPOINT if source.is_dir() else source
     try:
@@ -267,7 +282,9 @@ def info(source: Annotated[Path, typer.Argument(help="a run folder or a checkpoi
     except expected_errors() as error:
         fail(str(error))
     params = state.get("params", {})
-    count = count_parameters(params)
+    if not isinstance(params, dict):  # a lone tensor named "params": not a training state's tree
+        fail(f"{path} holds no parameter tree (its 'params' is one tensor): it is not a gen training checkpoint")
+    count = sum(tensor.numel() for tensor in leaves(params))
     config = metadata["config"]
     typer.echo(f"model:      {metadata['model']}")
     typer.echo(f"data:       {config.get('data')} {tuple(metadata.get('shape', ()))}")

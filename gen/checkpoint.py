@@ -162,6 +162,11 @@ def _metadata_problem(metadata) -> str | None:
         return "a negative 'step'"
     if not metadata["shape"] or not all(type(side) is int and side > 0 for side in metadata["shape"]):
         return "'shape' is not a list of positive sizes"
+    sides = {"image": 3, "points": 1}.get(metadata["data_kind"])  # (C, H, W) images, (2,) points
+    if sides is None:
+        return f"'data_kind' {metadata['data_kind']!r}, neither 'image' nor 'points'"
+    if len(metadata["shape"]) != sides:
+        return f"'shape' {metadata['shape']} for {metadata['data_kind']} data, whose shape has {sides} sizes"
     if not isinstance(metadata.get("epoch", 0.0), (int, float)) or isinstance(metadata.get("epoch"), bool):
         return "'epoch' is not a number"
     return None

@@ -49,6 +49,12 @@ class Dataset(NamedTuple):
         return tuple(self.train.shape[1:])
 
 
+def kind_of(name: str) -> str:
+    """What `--data name` holds without loading it: "points" for the toy sets, else "image"
+    (the named image sets and IDX directories)."""
+    return "points" if name in TOY_SETS else "image"
+
+
 def load(name: str, data_dir: str | None = None, seed: int = 0) -> Dataset:
     """Resolve `--data`: a known name, or a directory of IDX files."""
     if name == "digits":

@@ -79,10 +79,6 @@ def with_leaves(tree: Tree, new_leaves) -> Tree:
     return tree_map(lambda _: next(remaining), tree)  # tree_map visits leaves in `leaves` order
 
 
-def count_parameters(params: Params) -> int:
-    return sum(p.numel() for p in params.values())
-
-
 def to_device(tree: Tree, device: torch.device | str) -> Tree:
     # .contiguous().clone() makes every leaf its own storage: Dynamo guards on
     # tensor identity and safetensors refuses shared tensors.

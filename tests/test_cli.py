@@ -77,7 +77,10 @@ def test_checkpoints_with_damaged_metadata_get_one_line_errors(run, tmp_path):
     for name, damage, fragment in (("noshape", {"shape": None}, "'shape' missing"),
                                    ("badcfg", {"config": "vae"}, "'config' missing or not a JSON object"),
                                    ("badepoch", {"epoch": "one"}, "'epoch' is not a number"),
-                                   ("badlr", {"config": {**metadata["config"], "lr": "fast"}}, "lr='fast'")):
+                                   ("badlr", {"config": {**metadata["config"], "lr": "fast"}}, "lr='fast'"),
+                                   ("kindfoo", {"data_kind": "foo"}, "'data_kind' 'foo', neither"),
+                                   ("kindpoints", {"data_kind": "points"}, "for points data, whose shape has 1"),
+                                   ("shape2", {"shape": [8, 8]}, "'shape' [8, 8] for image data")):
         path = tmp_path / name / "checkpoint.safetensors"
         path.parent.mkdir()
         save_file(tensors, path, metadata={**header, "gen": json.dumps({**metadata, **damage})})
@@ -86,6 +89,42 @@ def test_checkpoints_with_damaged_metadata_get_one_line_errors(run, tmp_path):
             if args[0] == "info" and name == "badlr":
                 continue  # info prints the config as it is
             assert_one_line_error(gen(*args), fragment)
+
+
+def test_sample_checks_a_checkpoints_config_before_building_its_model(run, tmp_path):
+    """Metadata of the right types but values no run could have: one line from `gen sample`, as
+    from `train --resume`, instead of a traceback from the model's init or the plot."""
+    import json
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(run / "checkpoint.safetensors", framework="pt") as handle:
+        header, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
+    metadata = json.loads(header["gen"])
+    config = metadata["config"]
+    for name, damage, fragment in (
+            ("negative", {"config": {**config, "hidden_dim": -5}}, "--hidden-dim must be at least 1"),
+            ("zero", {"config": {**config, "latent_dim": 0}}, "--latent-dim must be at least 1"),
+            ("seed", {"config": {**config, "seed": 2 ** 70}}, "--seed must be between"),
+            ("model", {"config": {**config, "model": "gan"}}, "model 'vae' but a 'gan' config"),
+            ("points", {"config": {**config, "data": "ring8"}}, "trained on 'ring8' cannot make image"),
+            ("huge", {"config": {**config, "hidden_dim": 10 ** 12}}, "not enough memory to build the model")):
+        path = tmp_path / f"{name}.safetensors"
+        save_file(tensors, path, metadata={**header, "gen": json.dumps({**metadata, **damage})})
+        assert_one_line_error(gen("sample", path, "--out", tmp_path / "x.png"), fragment)
+        assert not (tmp_path / "x.png").exists()
+
+
+def test_info_counts_any_parameter_tree_and_refuses_a_lone_params_tensor(run, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(run / "checkpoint.safetensors", framework="pt") as handle:
+        header = handle.metadata()
+    save_file({"params/a/b": torch.zeros(3, 4), "params/c": torch.zeros(5)}, tmp_path / "nested.safetensors",
+              metadata=header)
+    result = gen("info", tmp_path / "nested.safetensors")
+    assert result.exit_code == 0 and "parameters: 17" in result.output, result.output
+    save_file({"params": torch.zeros(3)}, tmp_path / "lone.safetensors", metadata=header)
+    assert_one_line_error(gen("info", tmp_path / "lone.safetensors"), "holds no parameter tree")
 
 
 def test_sample_never_overwrites_a_checkpoint(run, tmp_path):
