@@ -177,10 +177,35 @@ def test_a_json_path_holding_a_gen_checkpoint_is_refused_before_the_run(tmp_path
     assert path.read_bytes() == before
 
 
+def test_json_paths_that_are_not_plain_new_or_regular_files(tmp_path, monkeypatch):
+    """A symbolic link is followed (its file replaced, the link kept); a pipe or device is refused,
+    not replaced by a regular file; an empty name or a file where a directory should be is refused
+    in one line; a long file name (near NAME_MAX) is written."""
+    monkeypatch.setattr(harness, "run", lambda *args, **kwargs: [])  # no timing: what is written is the point
+    real, link = tmp_path / "real.json", tmp_path / "link.json"
+    real.write_text("{}\n")
+    link.symlink_to(real)
+    harness.main(models=["gan-2d"], json_path=str(link))
+    assert link.is_symlink() and json.loads(real.read_text())["results"] == []
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="fifo is not a regular file .*give a file name"):
+        harness.main(models=["gan-2d"], json_path=str(fifo))
+    assert fifo.is_fifo()
+    with pytest.raises(ValueError, match="--json needs a file name"):
+        harness.main(models=["gan-2d"], json_path="")
+    with pytest.raises(ValueError, match="real.json is not a directory"):
+        harness.main(models=["gan-2d"], json_path=str(real / "x.json"))
+    long = tmp_path / ("b" * 245 + ".json")  # 250 bytes: a valid name, too long for a suffixed copy
+    harness.main(models=["gan-2d"], json_path=str(long))
+    assert json.loads(long.read_text())["results"] == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["real.json", "link.json", "fifo", long.name])
+
+
 def test_a_json_write_that_fails_mid_run_loses_no_timing(tmp_path, monkeypatch, capsys):
     def disk_full(path, text):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(harness.checkpoint, "write_text", disk_full)
+    monkeypatch.setattr(harness, "write_file", disk_full)
     results = bench.main(models=["gan-2d"], batch_sizes=[8], steps=1, repeats=1, device="cpu",
                          json_path=str(tmp_path / "bench.json"), modes=["eager"])
     assert [r["error"] for r in results] == [None]

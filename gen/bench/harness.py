@@ -339,22 +339,7 @@ def main(models: list[str] | None = None, batch_sizes: list[int] | None = None, 
         raise ValueError("--batch-size must be at least 1")
     if time_budget is not None and time_budget <= 0:
         raise ValueError("--time-budget must be positive")
-    if json_path:  # checked now, not after the run has been timed
-        target = Path(json_path)
-        if target.is_dir():
-            raise ValueError(f"--json {json_path} is a directory: give a file name, e.g. {target / 'bench.json'}")
-        if checkpoint.is_checkpoint(target):  # a training state: never overwritten, as gen sample refuses too
-            raise ValueError(f"--json {json_path} is a gen checkpoint, which the results would replace: "
-                             "give another file name, e.g. bench.json")
-        if not target.parent.is_dir():
-            raise ValueError(f"--json: the directory {target.parent} does not exist: create it or write elsewhere")
-        probe = target.with_name(f".{target.name}.{os.getpid()}.probe")  # the results go beside it, then renamed
-        try:
-            probe.write_text("")
-            probe.unlink()
-        except OSError as error:
-            raise ValueError(f"--json {json_path} cannot be written ({error.strerror or error}): "
-                             "choose another path") from None
+    target = None if json_path is None else json_target(json_path)  # checked now, not after the run
     deadline = None if time_budget is None else time.monotonic() + time_budget
     torch_device = resolve_device(device)
     keep_freed_memory()
@@ -363,11 +348,14 @@ def main(models: list[str] | None = None, batch_sizes: list[int] | None = None, 
         info["time_budget_s"] = time_budget
 
     def write(results: list[dict], complete: bool) -> None:
-        if json_path:
+        if target is not None:
             info["complete"] = complete
             text = json.dumps(json_safe({"machine": info, "results": results}), indent=2, allow_nan=False)
             try:
-                checkpoint.write_text(json_path, text + "\n")
+                refuse_to_replace(json_path)  # it may have changed since the run began
+                write_file(target, text + "\n")
+            except ValueError as error:
+                print(f"note: not writing: {error}")
             except OSError as error:  # e.g. the disk filled up mid-run: the timing goes on, the table is printed
                 print(f"note: could not write {json_path} ({error.strerror or error}); the previous copy is kept")
 
@@ -388,3 +376,60 @@ def main(models: list[str] | None = None, batch_sizes: list[int] | None = None, 
     print_table(results, info)
     write(results, complete)
     return results
+
+
+def json_target(json_path: str) -> Path:
+    """The file --json names, checked before the run: a new or regular file that is not a gen
+    checkpoint, in a directory that takes new files. A symbolic link is followed: the file it
+    points at is replaced and the link kept."""
+    if not json_path:
+        raise ValueError("--json needs a file name, e.g. --json bench.json")
+    given = Path(json_path)
+    if given.is_dir():
+        raise ValueError(f"--json {json_path} is a directory: give a file name, e.g. {given / 'bench.json'}")
+    refuse_to_replace(json_path)
+    try:
+        target = given.resolve()
+    except (OSError, RuntimeError) as error:  # a loop of symbolic links
+        raise ValueError(f"--json {json_path} cannot be followed ({error}): choose another path") from None
+    if not target.parent.is_dir():
+        if target.parent.exists():
+            raise ValueError(f"--json: {target.parent} is not a directory: write into a directory")
+        raise ValueError(f"--json: the directory {target.parent} does not exist: create it or write elsewhere")
+    probe = target.with_name(temporary_name(target, "probe"))  # the results go beside it, then renamed
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"--json {json_path} cannot be written ({error.strerror or error}): "
+                         "choose another path") from None
+    return target
+
+
+def refuse_to_replace(json_path: str) -> None:
+    """Refuse an existing --json that the results must not replace: a device, pipe or socket
+    (/dev/null, /dev/stdout) or a gen checkpoint."""
+    path = Path(json_path)
+    if path.exists() and not path.is_file():
+        raise ValueError(f"--json {json_path} is not a regular file (a device, pipe or socket), which the results "
+                         "would replace: give a file name, e.g. bench.json")
+    if checkpoint.is_checkpoint(path):  # a training state: never overwritten, as gen sample refuses too
+        raise ValueError(f"--json {json_path} is a gen checkpoint, which the results would replace: "
+                         "give another file name, e.g. bench.json")
+
+
+def temporary_name(target: Path, kind: str) -> str:
+    """A hidden name beside `target` for a file about to be renamed over it; the target's name is
+    cut short, so a name near the file system's limit (255 bytes) still leaves room."""
+    return f".{target.name[:40]}.{os.getpid()}.{kind}"
+
+
+def write_file(target: Path, text: str) -> None:
+    """Replace `target` with `text` whole: written beside it, then renamed over it, so no reader
+    or crash sees half a file and an earlier copy stays until the new one is complete."""
+    temporary = target.with_name(temporary_name(target, "tmp"))
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
