@@ -316,16 +316,24 @@ def _restart_metrics(path: Path, start_step: int) -> list[dict]:
     if not path.exists():
         return []
     rows = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().splitlines():
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash
-        if row.get("step", math.inf) <= start_step:
+        except ValueError:  # a line cut short by a crash (JSONDecodeError), or not UTF-8
+            continue
+        if _is_metrics_row(row) and row["step"] <= start_step:
             rows.append(row)
     text = "".join(json.dumps(row) + "\n" for row in rows)
     checkpoint.write_text(path, text)
     return rows
+
+
+def _is_metrics_row(row) -> bool:
+    """Whether a parsed line is one gen logs: an object of numbers with an integer step. Anything
+    else (an edited or foreign line) would break the loss plot and the summary, and is dropped."""
+    number = lambda value: isinstance(value, (int, float)) and not isinstance(value, bool)  # noqa: E731
+    return (isinstance(row, dict) and type(row.get("step")) is int
+            and all(number(value) for value in row.values()))
 
 
 def _write_json(path: Path, value: dict) -> None:

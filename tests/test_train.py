@@ -96,6 +96,21 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert losses(rows(tmp_path / "straight")) == losses(rows(tmp_path / "resumed"))
 
 
+def test_resume_drops_log_lines_gen_could_not_have_written(tmp_path):
+    """Hand-edited or foreign lines in metrics.jsonl: the resume keeps gen's rows, drops the rest."""
+    config = Config(model="vae", steps=10, log_every=5, compile=False)
+    training.train(Config(**{**config.to_dict(), "steps": 5}), tmp_path, show_progress=False)
+    kept = (tmp_path / "metrics.jsonl").read_bytes()
+    junk = [b"5", b"[1, 2]", b'{"step": "3"}', b'{"step": null}', b'{"step": true}', b'{"step": 2, "loss": "x"}',
+            b'{"loss": 1.0}', b"\xff\xfe not utf-8", b'{"step": 4, "loss": 1.5']
+    (tmp_path / "metrics.jsonl").write_bytes(kept + b"\n".join(junk) + b"\n")
+    training.train(config, tmp_path, resume=True, show_progress=False)
+    logged = rows(tmp_path)
+    assert (tmp_path / "metrics.jsonl").read_bytes().startswith(kept)
+    assert [row["step"] for row in logged if "loss" in row] == [5, 10]
+    assert all(isinstance(row["step"], int) for row in logged)
+
+
 def signalling_step(monkeypatch, at_call: int, signals: int):
     """The VAE's step, but its call number `at_call` sends itself `signals` SIGINTs (Ctrl-C) midway,
     before doing the step's work: a Ctrl-C that lands inside a step."""
