@@ -110,6 +110,8 @@ def train(
     try:
         if resume:
             out = out or run_folder(model, absolute_directory(data or default_data(model)))
+            if out.name == CHECKPOINT and out.is_file():
+                out = out.parent  # the run's checkpoint named instead of its folder, as sample and info take
             metadata = checkpoint.read_metadata(out / CHECKPOINT)
             if metadata["model"] != model:
                 fail(f"{out} holds a '{metadata['model']}' run, not '{model}': resume it as {metadata['model']}")
@@ -200,6 +202,8 @@ def write_samples(source: Path, n: int, out: Path, seed: int, device: str) -> No
     if out.suffix not in (".png", ".safetensors"):
         raise ValueError(f"cannot write '{out.suffix or out.name}': --out must end in .png or .safetensors")
     path = source / CHECKPOINT if source.is_dir() else source
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory: give a file name ending in .png or .safetensors")
     if checkpoint.is_checkpoint(out):  # the source itself, or another run's state: never overwritten
         raise ValueError(f"--out {out} is a gen checkpoint; samples never replace one: give another file name")
     loaded, metadata = checkpoint.load(path)
@@ -226,7 +230,10 @@ def write_samples(source: Path, n: int, out: Path, seed: int, device: str) -> No
     too_many = f"not enough memory for {n:,} samples at once: ask for fewer with --n"
     if n * math.prod(shape) * 4 > physical_memory_bytes():  # float32 samples alone would not fit
         raise ValueError(too_many)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"cannot create the folder of --out {out} ({error.strerror}): choose another --out") from None
     try:
         samples = family.generate(state, config, shape, n, rng.generator(seed, "sample")).cpu()
         with checkpoint.replacing(out) as temporary:  # a write that fails leaves nothing behind

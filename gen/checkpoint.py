@@ -55,11 +55,19 @@ def replacing(path: str | Path) -> Iterator[Path]:
     """A temporary path beside `path` for the block to write; renamed over `path` when the block
     ends, removed if it raises, so no reader or crash sees half a file. It keeps `path`'s suffix,
     for writers that pick the format by it (matplotlib)."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    named = Path(path)
+    path = Path(os.path.realpath(named))  # through a symlink to its file, which is replaced; the link stays
+    if path.exists() and not path.is_file():
+        what = "a directory" if path.is_dir() else "not a regular file"
+        raise OSError(f"cannot write {named}: it is {what}; give the path of a file")
+    # The stem is cut so that the temporary name stays within the 255-byte limit on file names.
+    temporary = path.with_name(f".{path.stem[:64]}.{os.getpid()}.tmp{path.suffix[:16]}")
     try:
         yield temporary
         os.replace(temporary, path)
+    except OSError as error:  # named by the file asked for, not the temporary one
+        raise OSError(f"cannot write {named}: {error.strerror or error}; check that its folder is writable "
+                      "and has space") from None
     finally:
         temporary.unlink(missing_ok=True)
 

@@ -103,6 +103,9 @@ def train(config: Config, out: str | Path, resume: bool = False, show_progress: 
     start_step = 0
     if resume:
         loaded, metadata = checkpoint.load(checkpoint_path, model=config.model)
+        if tuple(metadata["shape"]) != tuple(shape):  # else conform's message would blame a layer's size
+            raise ValueError(f"{out} was trained on data of shape {tuple(metadata['shape'])} but '{config.data}' "
+                             f"has shape {tuple(shape)}: resume with the data it was trained on")
         state = checkpoint.conform(checkpoint_path, loaded, state)
         start_step = metadata["step"]
         if start_step >= total_steps:

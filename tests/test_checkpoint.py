@@ -83,6 +83,35 @@ def test_write_text_replaces_a_file_whole_or_not_at_all(tmp_path, monkeypatch):
     assert path.read_text() == "new\n" and list(tmp_path.iterdir()) == [path]
 
 
+def test_replacing_writes_through_links_refuses_non_files_and_names_the_file_asked_for(tmp_path, monkeypatch):
+    import errno
+    import os
+    target, link = tmp_path / "real.json", tmp_path / "link.json"
+    target.write_text("old\n")
+    link.symlink_to(target)
+    checkpoint.write_text(link, "new\n")
+    assert link.is_symlink() and target.read_text() == "new\n"
+    fifo = tmp_path / "pipe.json"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match=f"cannot write {fifo}: it is not a regular file"):
+        checkpoint.write_text(fifo, "x")
+    with pytest.raises(OSError, match=f"cannot write {tmp_path}: it is a directory"):
+        checkpoint.write_text(tmp_path, "x")
+    long_name = tmp_path / ("r" * 245 + ".json")  # 250 bytes: a legal name, whose temporary must be shorter
+    checkpoint.write_text(long_name, "long\n")
+    assert long_name.read_text() == "long\n"
+
+    def read_only(source, destination):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(source), str(destination))
+    monkeypatch.setattr(checkpoint.os, "replace", read_only)
+    with pytest.raises(OSError) as error:
+        checkpoint.write_text(target, "newer\n")
+    assert str(error.value).startswith(f"cannot write {target}: Read-only file system")
+    assert ".tmp" not in str(error.value) and target.read_text() == "new\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["real.json", "link.json", "pipe.json",
+                                                                  long_name.name])
+
+
 DAMAGED_METADATA = {"config-not-object": {"config": "vae"}, "no-shape": {"shape": None},
                     "shape-of-strings": {"shape": ["1", "8", "8"]}, "step-not-int": {"step": "7"},
                     "epoch-not-number": {"epoch": "one"}, "negative-step": {"step": -1}}

@@ -140,6 +140,15 @@ def test_sample_never_overwrites_a_checkpoint(run, tmp_path):
     assert load_file(tmp_path / "raw.safetensors")["samples"].shape[0] == 5
 
 
+def test_sample_out_that_cannot_be_a_file_is_one_line(run, tmp_path):
+    (tmp_path / "afile").write_text("mine")
+    assert_one_line_error(gen("sample", run, "--n", 4, "--out", tmp_path / "afile" / "x.png"),
+                          "cannot create the folder of --out")
+    (tmp_path / "dir.png").mkdir()
+    assert_one_line_error(gen("sample", run, "--n", 4, "--out", tmp_path / "dir.png"), "is a directory")
+    assert (tmp_path / "afile").read_text() == "mine" and list((tmp_path / "dir.png").iterdir()) == []
+
+
 def test_sampling_is_reproducible_by_seed(run, tmp_path):
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
         gen("sample", run, "--n", 4, "--seed", seed, "--out", tmp_path / f"{name}.safetensors")
@@ -341,6 +350,15 @@ def test_resume_follows_a_moved_idx_directory(tmp_path):
                   "--no-progress")
     assert resumed.exit_code == 0, resumed.output
     assert "trained 8 steps" in resumed.output and str(new_place) in (out / "config.json").read_text()
+    (tmp_path / "bigger").mkdir()  # IDX files of another image size: named as such, not as a layer's size
+    write_idx_dir(tmp_path / "bigger", n_train=40, size=12)
+    assert_one_line_error(gen("train", "vae", "--resume", "--out", out, "--data", tmp_path / "bigger", "--steps", 12,
+                              "--no-compile", "--no-progress"),
+                          "was trained on data of shape (1, 8, 8) but")
+    # the run's checkpoint file as --out, as `gen sample` and `gen info` take it
+    resumed = gen("train", "vae", "--resume", "--out", out / "checkpoint.safetensors", "--data", new_place,
+                  "--steps", 12, "--no-compile", "--no-progress")
+    assert resumed.exit_code == 0 and "trained 12 steps" in resumed.output, resumed.output
 
 
 def test_a_relative_idx_directory_is_kept_as_an_absolute_path(tmp_path, monkeypatch):
