@@ -58,6 +58,8 @@ def main() -> None:
                    measure_compile=not args.no_compile_times, time_budget=args.time_budget)
     except (ValueError, OSError) as error:
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:  # bench.main has printed and written what was done; the exit status says why
+        signals[:] = signals or [signal.SIGINT]
     # Results are printed and written. Leave now: Inductor's atexit hook waits (up to 300 s)
     # for its compile-worker pool to shut down, which on the 16-core CUDA machine stalled
     # the exit by 15-30 s; the workers end themselves when this process is gone. A run cut

@@ -354,11 +354,28 @@ def test_the_json_file_holds_each_finished_group_before_the_run_ends(tmp_path, m
         return real(model, *args, **kwargs)
 
     monkeypatch.setattr(harness, "time_group", interrupted_second_group)
-    results = bench.main(models=["vae", "gan-2d"], batch_sizes=[16], steps=1, repeats=1, device="cpu",
-                         json_path=str(path), modes=["eager"])
+    with pytest.raises(KeyboardInterrupt):  # raised again once written, so the caller exits as interrupted
+        bench.main(models=["vae", "gan-2d"], batch_sizes=[16], steps=1, repeats=1, device="cpu",
+                   json_path=str(path), modes=["eager"])
     written = json.loads(path.read_text())
-    assert [r["model"] for r in written["results"]] == ["vae"] == [r["model"] for r in results]
+    assert [r["model"] for r in written["results"]] == ["vae"]
     assert written["machine"]["complete"] is False
+
+
+def test_an_interrupt_before_any_group_finished_leaves_an_existing_json_file_as_it_was(tmp_path, monkeypatch,
+                                                                                        capsys):
+    path = tmp_path / "bench.json"
+    path.write_text('{"machine": {"complete": true}, "results": [{"model": "vae"}]}\n')  # an earlier run's
+    before = path.read_text()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(harness, "time_group", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(models=["vae"], batch_sizes=[16], steps=1, repeats=1, device="cpu", json_path=str(path),
+                   modes=["eager"])
+    assert path.read_text() == before
+    assert f"interrupted before any group finished: {path} left as it was" in capsys.readouterr().out
 
 
 def test_autocast_and_cudagraph_runner_code_paths_on_cpu():

@@ -332,7 +332,8 @@ def main(models: list[str] | None = None, batch_sizes: list[int] | None = None, 
     With `time_budget` seconds the run starts nothing new once they are spent (see `run`).
     The JSON file is rewritten after every (model, batch size) group, so a run killed
     from outside still leaves the groups it finished; an interrupt (Ctrl-C, or SIGTERM
-    where bench/run.py turns it into one) prints and writes what was done."""
+    where bench/run.py turns it into one) prints and writes the groups finished, then
+    raises KeyboardInterrupt again; with none finished an existing file is left as it was."""
     if steps < 1 or repeats < 1:
         raise ValueError("--steps and --repeats must be at least 1")
     if batch_sizes and any(b < 1 for b in batch_sizes):
@@ -368,13 +369,21 @@ def main(models: list[str] | None = None, batch_sizes: list[int] | None = None, 
     try:
         results = run(models, batch_sizes, steps, repeats, torch_device, modes, measure_compile=measure_compile,
                       deadline=deadline, on_group=keep, info=info)
-        complete = True
+        interrupted = False
     except KeyboardInterrupt:
-        print("interrupted: writing the groups finished so far")
-        complete = False
+        interrupted = True
+        if results:
+            print("interrupted: writing the groups finished so far")
+        else:  # an empty file must not replace the results of an earlier run
+            left = "" if target is None else \
+                f": {json_path} left as it was" if target.exists() else ": nothing written"
+            print(f"interrupted before any group finished{left}")
     info["load_average_after"] = machine().get("load_average")
     print_table(results, info)
-    write(results, complete)
+    if results or not interrupted:
+        write(results, complete=not interrupted)
+    if interrupted:
+        raise KeyboardInterrupt  # what was done is printed and written; the caller exits as interrupted
     return results
 
 
