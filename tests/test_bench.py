@@ -202,6 +202,22 @@ def test_json_paths_that_are_not_plain_new_or_regular_files(tmp_path, monkeypatc
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["real.json", "link.json", "fifo", long.name])
 
 
+def test_an_unusable_compile_cache_directory_is_one_line_before_the_run(tmp_path, monkeypatch):
+    """Even eager runs touch Inductor's cache (importing Dynamo creates it): a bad one gave
+    misleading error rows, then a traceback from torch._dynamo.reset()."""
+    monkeypatch.setattr(harness, "run", lambda *args, **kwargs: pytest.fail("the run started"))
+    a_file = tmp_path / "cache"
+    a_file.write_text("")
+    for directory, reason in ((a_file, "it is not a directory"), (a_file / "sub", "Not a directory")):
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(directory))
+        with pytest.raises(ValueError, match=f"^TORCHINDUCTOR_CACHE_DIR {directory} cannot be used \\({reason}\\): "
+                                             "set it to a writable directory or unset it$"):
+            harness.main(models=["vae"], modes=["eager"])
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "new" / "cache"))  # created if missing
+    harness.check_compile_cache()
+    assert (tmp_path / "new" / "cache").is_dir()
+
+
 def test_a_json_write_that_fails_mid_run_loses_no_timing(tmp_path, monkeypatch, capsys):
     def disk_full(path, text):
         raise OSError(28, "No space left on device")

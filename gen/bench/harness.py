@@ -2,8 +2,11 @@
 rounds, turn failures into error rows; `main` runs it and writes the table and the JSON
 (gen/bench/report.py)."""
 
+import getpass
 import json
 import os
+import re
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -341,6 +344,7 @@ def main(models: list[str] | None = None, batch_sizes: list[int] | None = None, 
     if time_budget is not None and time_budget <= 0:
         raise ValueError("--time-budget must be positive")
     target = None if json_path is None else json_target(json_path)  # checked now, not after the run
+    check_compile_cache()
     deadline = None if time_budget is None else time.monotonic() + time_budget
     torch_device = resolve_device(device)
     keep_freed_memory()
@@ -442,3 +446,32 @@ def write_file(target: Path, text: str) -> None:
         os.replace(temporary, target)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def check_compile_cache() -> None:
+    """Refuse a compile cache directory (TORCHINDUCTOR_CACHE_DIR, else Inductor's default) that
+    cannot be created or written. Every mode touches it, eager and the peer included (the FLOP
+    count, Dynamo's reset between groups), and Inductor's own failures there were misleading
+    error rows and then a traceback: importing torch._dynamo creates the directory, and an import
+    that fails there leaves Dynamo half set up. So this runs before that import, and works out
+    Inductor's default as torch._inductor.runtime.cache_dir_utils does (importing that imports
+    Dynamo)."""
+    given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid_{os.getuid()}"
+    directory = os.path.abspath(given or os.path.join(tempfile.gettempdir(),
+                                                      "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user)))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        reason = error.strerror or str(error)
+        if isinstance(error, FileExistsError) or os.path.exists(directory) and not os.path.isdir(directory):
+            reason = "it is not a directory"
+        what = f"TORCHINDUCTOR_CACHE_DIR {directory}" if given else f"the compile cache {directory}"
+        fix = "set it to a writable directory or unset it" if given else \
+            "set TORCHINDUCTOR_CACHE_DIR to a writable directory"
+        raise ValueError(f"{what} cannot be used ({reason}): {fix}") from None
