@@ -28,15 +28,24 @@ mkl_amd.load()  # before torch is imported, as `gen bench` does (gen/mkl_amd.py)
 from gen import bench  # noqa: E402
 
 
+USAGE_ERROR = 2  # the exit status of a run refused before it timed anything (bench/cuda.py stops on it)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, as `gen bench` gives, not the usage block
+        self.exit(USAGE_ERROR, f"error: {message} (see 'python bench/run.py --help')\n")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="*",
                         help=f"{' '.join(bench.MODELS)} (default all); MODEL:B1,B2 gives that model its own batch sizes")
     parser.add_argument("--batch-size", type=int, action="append", help="batch sizes (repeatable)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
     parser.add_argument("--repeats", type=int, default=5, help="rounds over the modes (median reported)")
     parser.add_argument("--mode", action="append",
-                        help="compiled | eager | module | vmap-N | compiled-ro | compiled-bf16 (repeatable)")
+                        help="compiled | undonated | eager | module | vmap-N | compiled-ro | compiled-bf16 "
+                             "(repeatable)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--json", default=None, help="also write the results as JSON")
     parser.add_argument("--no-compile-times", action="store_true",
@@ -56,8 +65,9 @@ def main() -> None:
         bench.main(models=args.models or None, batch_sizes=args.batch_size, steps=args.steps, repeats=args.repeats,
                    device=args.device, json_path=args.json, modes=args.mode,
                    measure_compile=not args.no_compile_times, time_budget=args.time_budget)
-    except (ValueError, OSError) as error:
-        sys.exit(f"error: {error}")
+    except (ValueError, OSError) as error:  # refused before the run: bad arguments, no CUDA device, ...
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(USAGE_ERROR)
     except KeyboardInterrupt:  # bench.main has printed and written what was done; the exit status says why
         signals[:] = signals or [signal.SIGINT]
     # Results are printed and written. Leave now: Inductor's atexit hook waits (up to 300 s)

@@ -492,6 +492,19 @@ def test_a_mode_whose_first_step_differs_from_eager_is_flagged(monkeypatch, caps
     assert "compiled-bf16: warning" not in logged  # within bf16's tolerance
 
 
+def test_run_py_refuses_bad_arguments_in_one_line_and_lists_every_mode():
+    import subprocess
+    import sys
+    run = [sys.executable, str(bench.PEERS_DIR / "run.py")]
+    for bad in (["--steps", "x"], ["--steps", "0"]):  # argparse's, then the harness's own check
+        done = subprocess.run(run + bad, capture_output=True, text=True)
+        assert done.returncode == 2 and done.stdout == ""
+        assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
+    help_text = subprocess.run(run + ["--help"], capture_output=True, text=True, check=True).stdout
+    mode_help = help_text.split("--mode MODE", 2)[2].split("--device")[0]  # the option's own help
+    assert all(mode in mode_help for mode in (*bench.MODES, "vmap-N", "compiled-bf16", "compiled-ro"))
+
+
 CRASHING_HARNESS = '''
 import os, runpy, sys
 sys.path.insert(0, {root!r})
