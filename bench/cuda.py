@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PLAN = ["vae:128", "dcgan:64", "vae:4096", "conv-vae:128", "gan-2d:256", "wgan-gp:256", "dcgan:512",
         "conv-vae:1024"]
+USAGE_ERROR = 2  # bench/run.py's exit status for a run refused before it timed anything
 MODES = ["module", "eager", "undonated", "compiled", "compiled-ro", "compiled-bf16"]  # cheap ones first: they always get rows
 
 
@@ -75,8 +76,13 @@ def main() -> None:
                    "--steps", str(args.steps), "--repeats", str(args.repeats), "--no-compile-times",
                    "--time-budget", str(max(left - args.margin, 5)), "--json", str(json_path)]
         say(f"attempt {attempt}: {len(remaining)} group(s), {left:.0f} s left: {' '.join(command[2:])}")
+        logged_before = log_path.stat().st_size
         rc = run_until(command, log_path, timeout=left)
         rows, machine = read_results(json_path)
+        if rc == USAGE_ERROR and not rows:  # refused before timing anything: a fresh process would be too
+            line = refusal(log_path, logged_before)
+            say(f"attempt {attempt}: refused before timing anything; stopping")
+            sys.exit(line)
         if machine:
             machines.append({"attempt": attempt, **machine})
         results += rows
@@ -124,6 +130,16 @@ def run_until(command: list[str], log_path: Path, timeout: float) -> int:
             except subprocess.TimeoutExpired:
                 process.kill()
                 return process.wait()
+
+
+def refusal(log_path: Path, start: int) -> str:
+    """The harness's one-line `error:` in what it appended to the log after `start`."""
+    with log_path.open("rb") as log:
+        log.seek(start)
+        lines = log.read().decode(errors="replace").splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    return errors[-1] if errors else f"error: the harness exited with status {USAGE_ERROR} before timing anything: " \
+        f"see {log_path}"
 
 
 def read_results(path: Path) -> tuple[list[dict], dict | None]:

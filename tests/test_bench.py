@@ -564,3 +564,23 @@ def test_cuda_driver_survives_a_crashed_process(tmp_path):
     assert rows[("gan-2d", 8, "eager")]["error"].startswith("crashed (exit status 3)")
     assert len(merged["machines"]) == 2  # the second process carried on after the crash
     assert "attempt 2" in (out / "cuda.log").read_text()
+
+
+def test_cuda_driver_stops_at_once_when_the_harness_refuses_the_run(tmp_path):
+    """A refusal before anything is timed (no CUDA device, an unknown mode) is no crash: restarting
+    would be refused again. The driver stops with the harness's one line and a non-zero status."""
+    import subprocess
+    import sys
+    root = bench.PEERS_DIR.parent
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, str(root / "bench" / "cuda.py"), str(out), "--device", "cpu",
+                           "--mode", "fast", "--plan", "vae:8", "gan-2d:8"], capture_output=True, text=True,
+                          cwd=str(root), env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert done.returncode != 0
+    assert done.stderr.splitlines() == [done.stderr.splitlines()[0]] and done.stderr.startswith("error: unknown mode 'fast'")
+    assert "attempt 2" not in done.stdout and "crashed" not in done.stdout and not (out / "cuda.json").exists()
+
+
+def test_the_table_prints_rows_that_never_ran():
+    """bench/cuda.py's rows for crashed or skipped groups have no matmul peak."""
+    bench.print_table([harness.error_row("vae", 8, "eager", torch.device("cpu"), "crashed (exit status 3)")])

@@ -51,7 +51,8 @@ def print_table(results: list[dict], machine_info: dict | None = None) -> None:
     console.print(table)
     if results:
         kind = "CUDA max allocated" if results[0]["device"] == "cuda" else "process max RSS so far (CPU)"
-        console.print(f"peak MB: {kind}; float32 matmul peak {results[0]['peak_gflops']:.1f} GFLOP/s")
+        peaks = [r["peak_gflops"] for r in results if r.get("peak_gflops") is not None]  # none in rows never run
+        console.print(f"peak MB: {kind}" + (f"; float32 matmul peak {peaks[0]:.1f} GFLOP/s" if peaks else ""))
 
 
 def json_safe(value):
