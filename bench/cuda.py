@@ -43,11 +43,18 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--plan", nargs="*", default=PLAN, help="MODEL:BATCH groups in order")
+    parser.add_argument("--plan", nargs="*", default=PLAN,
+                        help="MODEL:B1,B2 groups in order, as gen bench takes them (MODEL: its default batch sizes)")
     parser.add_argument("--mode", action="append", help="modes (default: " + " ".join(MODES) + ")")
     parser.add_argument("--harness", type=Path, default=ROOT / "bench" / "run.py",
                         help="the script to run (tests swap in one that crashes)")
     args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from gen.bench import plan  # noqa: E402  (the MODEL:B1,B2 entries gen bench takes)
+    try:
+        remaining = plan(args.plan, None)  # MODEL alone: its default batch sizes
+    except ValueError as error:
+        sys.exit(f"error: --plan: {error}")
     args.out.mkdir(parents=True, exist_ok=True)
     log_path = args.out / "cuda.log"
     start = time.monotonic()
@@ -58,7 +65,6 @@ def main() -> None:
         with log_path.open("a") as log:
             log.write(line + "\n")
 
-    remaining = [(entry.split(":")[0], int(entry.split(":")[1])) for entry in args.plan]
     modes = args.mode or MODES
     machines, results = [], []
     attempt = 0

@@ -584,3 +584,18 @@ def test_cuda_driver_stops_at_once_when_the_harness_refuses_the_run(tmp_path):
 def test_the_table_prints_rows_that_never_ran():
     """bench/cuda.py's rows for crashed or skipped groups have no matmul peak."""
     bench.print_table([harness.error_row("vae", 8, "eager", torch.device("cpu"), "crashed (exit status 3)")])
+
+
+def test_cuda_driver_reads_its_plan_as_gen_bench_reads_models(tmp_path):
+    import subprocess
+    import sys
+    cuda = [sys.executable, str(bench.PEERS_DIR / "cuda.py"), str(tmp_path / "out"), "--device", "cpu"]
+    for entry, error in (("vae:abc", "error: --plan: bad model entry 'vae:abc': use MODEL or MODEL:B1,B2"),
+                         ("vae:0", "error: --plan: bad model entry 'vae:0': batch sizes must be at least 1")):
+        done = subprocess.run(cuda + ["--plan", entry], capture_output=True, text=True)
+        assert done.returncode != 0 and done.stderr.startswith(error) and done.stderr.count("\n") == 1, done.stderr
+        assert not (tmp_path / "out").exists()
+    # A model alone gets its default batch sizes (here refused at once by the harness, for an unknown mode).
+    done = subprocess.run(cuda + ["--plan", "gan-2d", "vae:8,16", "--mode", "fast"], capture_output=True, text=True,
+                          env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert "attempt 1: 3 group(s)" in done.stdout and " gan-2d:256 vae:8 vae:16 --device" in done.stdout
