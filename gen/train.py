@@ -175,17 +175,19 @@ def train(config: Config, out: str | Path, resume: bool = False, show_progress: 
                     synchronize(device)
                     compile_seconds = time.perf_counter() - tick
                     interval_start, interval_steps = time.perf_counter(), 0
-                    progress.advance(task)
-                    continue
-                interval_steps += 1
+                else:
+                    interval_steps += 1
                 progress.advance(task)
                 done = step + 1
                 end_of_epoch = done % steps_per_epoch == 0 or done == total_steps
                 if done % config.log_every == 0 or end_of_epoch:
                     row = {name: value.item() for name, value in metrics.items()}  # the only host syncs
-                    seconds = time.perf_counter() - interval_start
+                    # Throughput over the steps since the last row, the compiling call left out; when
+                    # that call is the only one (a process's first step is a logging step), its own time.
+                    steps_timed, seconds = ((interval_steps, time.perf_counter() - interval_start) if interval_steps
+                                            else (1, compile_seconds))
                     row = {"step": done, "epoch": round(done / steps_per_epoch, 4), **row,
-                           "samples_per_s": round(interval_steps * config.batch_size * per_step / seconds, 1)}
+                           "samples_per_s": round(steps_timed * config.batch_size * per_step / seconds, 1)}
                     _append(out / "metrics.jsonl", row, history)
                     if not all(math.isfinite(value) for value in row.values()):
                         diverged(done, "the logged metrics")

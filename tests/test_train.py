@@ -96,6 +96,19 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert losses(rows(tmp_path / "straight")) == losses(rows(tmp_path / "resumed"))
 
 
+def test_a_process_first_step_logs_evaluates_and_saves_when_due(tmp_path):
+    """The first step of a process (which compiles, when compiled) is still a step: a 1-step run,
+    and a resume by one step, each end with that step's metrics row and checkpoint."""
+    config = Config(model="vae", steps=1, log_every=5, compile=False)
+    training.train(config, tmp_path, show_progress=False)
+    assert checkpoint.load(tmp_path / training.CHECKPOINT)[1]["step"] == 1
+    assert [row["step"] for row in rows(tmp_path)] == [1, 1]  # its training row, then its evaluation
+    assert rows(tmp_path)[0]["samples_per_s"] > 0
+    training.train(Config(**{**config.to_dict(), "steps": 2}), tmp_path, resume=True, show_progress=False)
+    assert checkpoint.load(tmp_path / training.CHECKPOINT)[1]["step"] == 2
+    assert [row["step"] for row in rows(tmp_path)] == [1, 1, 2, 2]
+
+
 def test_resume_drops_log_lines_gen_could_not_have_written(tmp_path):
     """Hand-edited or foreign lines in metrics.jsonl: the resume keeps gen's rows, drops the rest."""
     config = Config(model="vae", steps=10, log_every=5, compile=False)
