@@ -77,9 +77,10 @@ def train(
     beta: Annotated[float, typer.Option(help="β-VAE weight on the KL term")] = 1.0,
     iwae_k: Annotated[int, typer.Option(help="importance samples for the IWAE bound (1: ELBO)")] = 1,
     latent_dim: Annotated[Optional[int], typer.Option(help="size of z")] = None,
-    lr_schedule: Annotated[Optional[str], typer.Option(help="constant | linear | cosine (decay to 0 over the "
-                                                            "run)")] = None,
-    hidden_dim: Annotated[Optional[int], typer.Option(help="width of the hidden layers (MLP models)")] = None,
+    lr_schedule: Annotated[Optional[str], typer.Option(help="constant | linear | cosine (decaying toward 0 "
+                                                            "over the run)")] = None,
+    hidden_dim: Annotated[Optional[int], typer.Option(help="width of the hidden layers (vae, conv-vae, and "
+                                                                "the MLP networks of the GANs)")] = None,
     gan_loss: Annotated[Optional[str], typer.Option(help="GAN: minimax | non-saturating | wasserstein | "
                                                         "hinge")] = None,
     n_critic: Annotated[Optional[int], typer.Option(help="WGAN-GP: critic updates per generator update")] = None,

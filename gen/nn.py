@@ -202,9 +202,9 @@ def spectral_normalize(weight: Tensor, state: Params, n_power_iterations: int = 
 
         v ← Wᵀu / ‖Wᵀu‖,   u ← Wv / ‖Wv‖,   σ(W) ≈ uᵀ W v
 
-    u carries over between steps, so one iteration per step suffices. The
-    vectors are treated as constants (no gradient flows through u, v), as in
-    the paper and torch.nn.utils.spectral_norm.
+    u carries over between calls, so one iteration per call (per forward in
+    training) suffices. The vectors are treated as constants (no gradient flows
+    through u, v), as in the paper and torch.nn.utils.spectral_norm.
     """
     matrix = weight.flatten(1)                                          # (out, in·k·k)
     u = state["u"]
