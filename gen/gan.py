@@ -155,16 +155,22 @@ def packing(config: Config) -> int:
     return config.pack or 1
 
 
+def check_batch_size(config: Config, shape: tuple) -> None:
+    """Refuse a batch size the networks cannot train on (networks_init runs this; gen bench
+    too, before it times anything)."""
+    if uses_convolutions(config, shape) and config.batch_size < 2:
+        # G's batch norm over one example has no variance to estimate (the unbiased running
+        # variance divides by n − 1): torch.nn.BatchNorm refuses it too.
+        raise ValueError(f"--batch-size {config.batch_size} is too small for {config.model}'s batch norm on "
+                         "images: use --batch-size 2 or more")
+
+
 def networks_init(config: Config, shape: tuple, generator: torch.Generator):
     """((G params, G state), (D params, D state)) for the family and data shape."""
     if packing(config) > 1 and (uses_convolutions(config, shape) or config.model == "wgan-gp"):
         raise ValueError("--pack applies to the MLP discriminators of gan and sngan only")
+    check_batch_size(config, shape)
     if uses_convolutions(config, shape):
-        # G's batch norm over one example has no variance to estimate (the unbiased running
-        # variance divides by n − 1): torch.nn.BatchNorm refuses it too.
-        if config.batch_size < 2:
-            raise ValueError(f"--batch-size {config.batch_size} is too small for {config.model}'s batch norm on "
-                             "images: use --batch-size 2 or more")
         norm = {"dcgan": "batch", "wgan-gp": "none", "sngan": "spectral"}[config.model]
         return (dcgan.generator_init(generator, shape, config.latent_dim),
                 dcgan.discriminator_init(generator, shape, norm))

@@ -240,6 +240,19 @@ def test_modes_and_groups_named_twice_are_timed_once():
     assert bench.plan(["vae:16", "gan-2d:8", "vae:16,32"], None) == [("vae", 16), ("gan-2d", 8), ("vae", 32)]
 
 
+def test_a_batch_size_the_model_cannot_use_is_refused_before_timing(monkeypatch):
+    """The library's own check (a GAN's batch norm on images needs two examples), up front: it was
+    error rows for the gen modes, and the module peer's own torch error, with exit status 0."""
+    monkeypatch.setattr(harness, "time_group", lambda *args, **kwargs: pytest.fail("a group was timed"))
+    monkeypatch.setattr(harness, "matmul_samplers", lambda *args, **kwargs: pytest.fail("the peak was timed"))
+    message = "^dcgan b1: --batch-size 1 is too small for dcgan's batch norm on images: use --batch-size 2 or more$"
+    with pytest.raises(ValueError, match=message):
+        bench.run(["vae", "dcgan:1"], None, 1, 1, "cpu", ["eager", "module"], measure_compile=False)
+    with pytest.raises(ValueError, match=message):
+        bench.plan(["gan-2d", "dcgan"], [1])  # gan-2d's MLPs take one example
+    assert bench.plan(["gan-2d:1", "dcgan:2"], None) == [("gan-2d", 1), ("dcgan", 2)]
+
+
 def test_a_run_with_no_mode_left_is_refused(capsys):
     with pytest.raises(ValueError, match="no mode left to run on this device"):
         bench.available_modes(["compiled-ro"], "cpu")

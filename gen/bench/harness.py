@@ -73,6 +73,11 @@ def plan(names: list[str] | None, batch_sizes: list[int] | None) -> list[tuple[s
     present = set(available_models([model for model, _ in entries]))
     groups = [(model, b) for model, own in entries if model in present
               for b in own or batch_sizes or MODELS[model][2]]
+    for model, batch_size in groups:  # the model's own refusals now, not as error rows after the others ran
+        try:
+            model_config(model, batch_size)
+        except ValueError as error:
+            raise ValueError(f"{model} b{batch_size}: {error}") from None
     return list(dict.fromkeys(groups))  # a group named twice is timed once
 
 

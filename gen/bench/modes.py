@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from gen import models
+from gen import gan, models
 from gen.compilation import compile_for_training, compile_step, steady, unchanged
 from gen.config import Config, resolve
 from gen.device import autocast_step
@@ -38,9 +38,13 @@ def is_compiled(mode: str) -> bool:
 
 
 def model_config(model: str, batch_size: int) -> tuple[models.Family, Config, tuple]:
+    """The family, its default config at this batch size, and the example shape; ValueError
+    for a batch size the model cannot train on (a GAN's batch norm on images needs 2 or more)."""
     family_name, shape, _ = MODELS[model]
     family = models.get(family_name)
     config = resolve(Config(model=family_name, batch_size=batch_size), family.defaults)
+    if family in gan.FAMILIES:
+        gan.check_batch_size(config, shape)
     return family, config, shape
 
 
