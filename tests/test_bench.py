@@ -218,6 +218,13 @@ def test_an_unusable_compile_cache_directory_is_one_line_before_the_run(tmp_path
     assert (tmp_path / "new" / "cache").is_dir()
 
 
+def test_a_time_budget_that_is_not_a_positive_number_is_refused(monkeypatch):
+    monkeypatch.setattr(harness, "run", lambda *args, **kwargs: pytest.fail("the run started"))
+    for budget in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="--time-budget .* is not a positive number of seconds"):
+            harness.main(models=["vae"], time_budget=budget)
+
+
 def test_a_json_write_that_fails_mid_run_loses_no_timing(tmp_path, monkeypatch, capsys):
     def disk_full(path, text):
         raise OSError(28, "No space left on device")

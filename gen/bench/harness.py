@@ -346,8 +346,8 @@ def main(models: list[str] | None = None, batch_sizes: list[int] | None = None, 
         raise ValueError("--steps and --repeats must be at least 1")
     if batch_sizes and any(b < 1 for b in batch_sizes):
         raise ValueError("--batch-size must be at least 1")
-    if time_budget is not None and time_budget <= 0:
-        raise ValueError("--time-budget must be positive")
+    if time_budget is not None and not 0 < time_budget < float("inf"):  # nan compares false: it meant no budget
+        raise ValueError(f"--time-budget {time_budget} is not a positive number of seconds: give one, e.g. 300")
     target = None if json_path is None else json_target(json_path)  # checked now, not after the run
     check_compile_cache()
     deadline = None if time_budget is None else time.monotonic() + time_budget
