@@ -153,14 +153,14 @@ def test_a_json_path_that_cannot_be_written_is_refused_before_the_run(tmp_path, 
         harness.main(models=["gan-2d"], json_path=str(tmp_path / "missing" / "bench.json"))
     with pytest.raises(ValueError, match="is a directory: give a file name"):
         harness.main(models=["gan-2d"], json_path=str(tmp_path))
-    real_write = type(tmp_path).write_text
+    real_temporary_file = harness.tempfile.TemporaryFile
 
-    def refusing(self, *args, **kwargs):  # a directory that exists but takes no new file (read-only, /proc)
-        if self.parent == tmp_path / "readonly":
+    def refusing(*args, dir=None, **kwargs):  # a directory that exists but takes no new file (read-only, /proc)
+        if str(dir) == str(tmp_path / "readonly"):
             raise PermissionError(13, "Permission denied")
-        return real_write(self, *args, **kwargs)
+        return real_temporary_file(*args, dir=dir, **kwargs)
     (tmp_path / "readonly").mkdir()
-    monkeypatch.setattr(type(tmp_path), "write_text", refusing)
+    monkeypatch.setattr(harness.tempfile, "TemporaryFile", refusing)
     with pytest.raises(ValueError, match="bench.json cannot be written \\(Permission denied\\): choose another"):
         harness.main(models=["gan-2d"], json_path=str(tmp_path / "readonly" / "bench.json"))
     assert list((tmp_path / "readonly").iterdir()) == []
@@ -228,7 +228,7 @@ def test_a_time_budget_that_is_not_a_positive_number_is_refused(monkeypatch):
 def test_a_json_write_that_fails_mid_run_loses_no_timing(tmp_path, monkeypatch, capsys):
     def disk_full(path, text):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(harness, "write_file", disk_full)
+    monkeypatch.setattr(harness.checkpoint, "write_text", disk_full)
     results = bench.main(models=["gan-2d"], batch_sizes=[8], steps=1, repeats=1, device="cpu",
                          json_path=str(tmp_path / "bench.json"), modes=["eager"])
     assert [r["error"] for r in results] == [None]

@@ -363,11 +363,11 @@ def main(models: list[str] | None = None, batch_sizes: list[int] | None = None, 
             text = json.dumps(json_safe({"machine": info, "results": results}), indent=2, allow_nan=False)
             try:
                 refuse_to_replace(json_path)  # it may have changed since the run began
-                write_file(target, text + "\n")
+                checkpoint.write_text(target, text + "\n")  # whole or not at all, as every file gen writes
             except ValueError as error:
                 print(f"note: not writing: {error}")
             except OSError as error:  # e.g. the disk filled up mid-run: the timing goes on, the table is printed
-                print(f"note: could not write {json_path} ({error.strerror or error}); the previous copy is kept")
+                print(f"note: could not write the results ({error}); the previous copy is kept")
 
     results: list[dict] = []
 
@@ -414,10 +414,9 @@ def json_target(json_path: str) -> Path:
         if target.parent.exists():
             raise ValueError(f"--json: {target.parent} is not a directory: write into a directory")
         raise ValueError(f"--json: the directory {target.parent} does not exist: create it or write elsewhere")
-    probe = target.with_name(temporary_name(target, "probe"))  # the results go beside it, then renamed
-    try:
-        probe.write_text("")
-        probe.unlink()
+    try:  # the results are written beside it, then renamed over it: the directory must take a new file
+        with tempfile.TemporaryFile(dir=target.parent):
+            pass
     except OSError as error:
         raise ValueError(f"--json {json_path} cannot be written ({error.strerror or error}): "
                          "choose another path") from None
@@ -434,23 +433,6 @@ def refuse_to_replace(json_path: str) -> None:
     if checkpoint.is_checkpoint(path):  # a training state: never overwritten, as gen sample refuses too
         raise ValueError(f"--json {json_path} is a gen checkpoint, which the results would replace: "
                          "give another file name, e.g. bench.json")
-
-
-def temporary_name(target: Path, kind: str) -> str:
-    """A hidden name beside `target` for a file about to be renamed over it; the target's name is
-    cut short, so a name near the file system's limit (255 bytes) still leaves room."""
-    return f".{target.name[:40]}.{os.getpid()}.{kind}"
-
-
-def write_file(target: Path, text: str) -> None:
-    """Replace `target` with `text` whole: written beside it, then renamed over it, so no reader
-    or crash sees half a file and an earlier copy stays until the new one is complete."""
-    temporary = target.with_name(temporary_name(target, "tmp"))
-    try:
-        temporary.write_text(text)
-        os.replace(temporary, target)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def check_compile_cache() -> None:
