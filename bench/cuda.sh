@@ -24,5 +24,7 @@ mkdir -p "$OUT"
 { date -u; uptime; timeout 10 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; } \
     > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt" >> "$OUT/cuda.log"
-"$PYTHON" bench/cuda.py "$OUT" --total "$TOTAL" --device "$DEVICE" "$@"
+status=0
+"$PYTHON" bench/cuda.py "$OUT" --total "$TOTAL" --device "$DEVICE" "$@" || status=$?
 echo "results in $OUT/cuda.json, log in $OUT/cuda.log"
+exit "$status"  # cuda.py's own status: a refused run (no CUDA device) is not a success

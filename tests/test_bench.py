@@ -601,9 +601,25 @@ def test_cuda_driver_stops_at_once_when_the_harness_refuses_the_run(tmp_path):
     assert "attempt 2" not in done.stdout and "crashed" not in done.stdout and not (out / "cuda.json").exists()
 
 
-def test_the_table_prints_rows_that_never_ran():
+def test_cuda_sh_exits_with_the_drivers_status(tmp_path):
+    """bench/cuda.sh prints where the results are, then exits as bench/cuda.py did: a refused run
+    is not a success for the script that called it."""
+    import subprocess
+    import sys
+    root = bench.PEERS_DIR.parent
+    done = subprocess.run(["bash", str(root / "bench" / "cuda.sh"), "--mode", "fast", "--plan", "vae:8"],
+                          capture_output=True, text=True,
+                          env={**os.environ, "OUT": str(tmp_path / "out"), "TOTAL": "200", "PYTHON": sys.executable,
+                               "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "error: " in done.stderr and "results in" in done.stdout
+
+
+def test_the_table_prints_rows_that_never_ran(capsys, monkeypatch):
     """bench/cuda.py's rows for crashed or skipped groups have no matmul peak."""
+    monkeypatch.setenv("COLUMNS", "250")  # wide enough that rich does not wrap the cell
     bench.print_table([harness.error_row("vae", 8, "eager", torch.device("cpu"), "crashed (exit status 3)")])
+    assert "crashed (exit status 3)" in capsys.readouterr().out
 
 
 def test_cuda_driver_reads_its_plan_as_gen_bench_reads_models(tmp_path):
