@@ -18,9 +18,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Train, sample and benchmark VAEs and GANs written as pure functions.")
 
 
-def fail(message: str) -> None:
+INTERRUPTED = 130  # the shell's status for a command stopped by SIGINT (128 + 2): scripts tell it apart
+
+
+def fail(message: str, status: int = 1) -> None:
     typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)
+    raise typer.Exit(status)
 
 
 def expected_errors() -> tuple[type[Exception], ...]:
@@ -153,7 +156,7 @@ def train(
             out = out or default_out(model, data)
         summary = run_training(config, out, resume=resume, show_progress=progress)
     except KeyboardInterrupt as interrupt:
-        fail(str(interrupt) or "interrupted")
+        fail(str(interrupt) or "interrupted", INTERRUPTED)
     except expected_errors() as error:
         fail(str(error))
     except (RuntimeError, MemoryError) as error:
@@ -324,6 +327,8 @@ def bench(
     try:
         harness.main(models=models, batch_sizes=batch_size, steps=steps, repeats=repeats, device=device,
                      json_path=json, modes=mode, measure_compile=compile_times, time_budget=time_budget)
+    except KeyboardInterrupt:  # the harness has printed what it kept and written its JSON
+        raise typer.Exit(INTERRUPTED) from None
     except expected_errors() as error:
         fail(str(error))
 

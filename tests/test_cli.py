@@ -479,6 +479,25 @@ def test_a_command_line_that_does_not_parse_is_one_line(args, message, monkeypat
     assert capsys.readouterr().err.strip().splitlines() == [message]
 
 
+def test_an_interrupted_train_or_bench_exits_130(monkeypatch, capsys, tmp_path):
+    """Ctrl-C (KeyboardInterrupt) ends `gen train` with its one line and `gen bench` with its
+    table, both with the shell's status for SIGINT, 130, not the 1 of an error."""
+    import cli
+    from gen import bench as harness, train as training
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt("interrupted at step 3; checkpoint saved in somewhere: continue with --resume")
+    monkeypatch.setattr(training, "train", interrupted)
+    monkeypatch.setattr(harness, "main", interrupted)
+    for args in (["train", "vae", "--out", str(tmp_path / "run")], ["bench", "vae:8", "--mode", "eager"]):
+        monkeypatch.setattr(sys, "argv", ["gen", *args])
+        with pytest.raises(SystemExit) as exit_:
+            cli.main()
+        assert exit_.value.code == 130, args
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: interrupted at step 3; checkpoint saved in somewhere: continue with --resume"]
+
+
 def test_gen_alone_prints_its_help_and_a_finished_command_exits_0(monkeypatch, capsys, run):
     import cli
     for args, status, text in ((["gen"], 2, "Usage: gen [OPTIONS] COMMAND"), (["gen", "info", str(run)], 0, "step:")):
