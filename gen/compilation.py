@@ -87,6 +87,10 @@ pass trees through gen.tree's `leaves`/`with_leaves`. WGAN-GP b256's warm
 compile went from 5.9-6.7 to 4.9-5.4 s, cold from 29 to 26 s (interleaved probes).
 """
 
+import getpass
+import os
+import re
+import tempfile
 import weakref
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -285,3 +289,32 @@ def steady() -> Iterator[None]:
             yield
     finally:
         _steady.reset(token)
+
+
+def check_compile_cache() -> None:
+    """Refuse a compile cache directory (TORCHINDUCTOR_CACHE_DIR, else Inductor's default) that
+    cannot be created or written. gen train and gen bench check it first, compiling or not:
+    importing torch._dynamo (the graph count, the bench's reset between groups) creates the
+    directory, and an import that fails there leaves Dynamo half set up, which showed as
+    "[Errno 2] No such file or directory" from an eager run and misleading bench rows, then a
+    traceback. So this runs before that import, and works out Inductor's default as
+    torch._inductor.runtime.cache_dir_utils does (importing that imports Dynamo)."""
+    given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid_{os.getuid()}"
+    directory = os.path.abspath(given or os.path.join(tempfile.gettempdir(),
+                                                      "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user)))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        reason = error.strerror or str(error)
+        if isinstance(error, FileExistsError) or os.path.exists(directory) and not os.path.isdir(directory):
+            reason = "it is not a directory"
+        what = f"TORCHINDUCTOR_CACHE_DIR {directory}" if given else f"the compile cache {directory}"
+        fix = "set it to a writable directory or unset it" if given else \
+            "set TORCHINDUCTOR_CACHE_DIR to a writable directory"
+        raise ValueError(f"{what} cannot be used ({reason}): {fix}") from None

@@ -71,6 +71,7 @@ def prepare(config: Config) -> tuple[Config, models.Family, data.Dataset]:
 
 def train(config: Config, out: str | Path, resume: bool = False, show_progress: bool = True) -> dict:
     """Train to the configured length; returns a summary (final metrics, timings, compile count)."""
+    compilation.check_compile_cache()  # before anything imports Dynamo, compiling or not
     config, family, dataset = prepare(config)
     out = Path(out)
     checkpoint_path = out / CHECKPOINT

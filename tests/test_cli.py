@@ -479,6 +479,16 @@ def test_a_command_line_that_does_not_parse_is_one_line(args, message, monkeypat
     assert capsys.readouterr().err.strip().splitlines() == [message]
 
 
+def test_an_unusable_compile_cache_is_one_line_for_train_too(tmp_path, monkeypatch):
+    """Even an eager run imports Dynamo, which creates the cache directory: a path under a file
+    gave "[Errno 20] Not a directory" naming nothing gen had asked for."""
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "a-file" / "cache"))
+    assert_one_line_error(gen("train", "vae", "--steps", 2, "--no-compile", "--no-progress", "--out", tmp_path / "run"),
+                          f"TORCHINDUCTOR_CACHE_DIR {tmp_path / 'a-file' / 'cache'} cannot be used")
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_interrupted_train_or_bench_exits_130(monkeypatch, capsys, tmp_path):
     """Ctrl-C (KeyboardInterrupt) ends `gen train` with its one line and `gen bench` with its
     table, both with the shell's status for SIGINT, 130, not the 1 of an error."""

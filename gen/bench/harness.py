@@ -2,10 +2,8 @@
 rounds, turn failures into error rows; `main` runs it and writes the table and the JSON
 (gen/bench/report.py)."""
 
-import getpass
 import json
 import os
-import re
 import tempfile
 import time
 import traceback
@@ -15,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from gen import checkpoint, models
+from gen import checkpoint, compilation, models
 from gen.bench.compile_time import compile_seconds
 from gen.bench.machine import fastest, keep_freed_memory, machine, matmul_samplers, peak_memory_mb, time_mode
 from gen.bench.modes import CUDA_MODES, EXTRA_MODES, MODELS, MODES, PEERS_DIR, flops_per_step, load_peers, \
@@ -349,7 +347,7 @@ def main(models: list[str] | None = None, batch_sizes: list[int] | None = None, 
     if time_budget is not None and not 0 < time_budget < float("inf"):  # nan compares false: it meant no budget
         raise ValueError(f"--time-budget {time_budget} is not a positive number of seconds: give one, e.g. 300")
     target = None if json_path is None else json_target(json_path)  # checked now, not after the run
-    check_compile_cache()
+    compilation.check_compile_cache()
     deadline = None if time_budget is None else time.monotonic() + time_budget
     torch_device = resolve_device(device)
     keep_freed_memory()
@@ -433,32 +431,3 @@ def refuse_to_replace(json_path: str) -> None:
     if checkpoint.is_checkpoint(path):  # a training state: never overwritten, as gen sample refuses too
         raise ValueError(f"--json {json_path} is a gen checkpoint, which the results would replace: "
                          "give another file name, e.g. bench.json")
-
-
-def check_compile_cache() -> None:
-    """Refuse a compile cache directory (TORCHINDUCTOR_CACHE_DIR, else Inductor's default) that
-    cannot be created or written. Every mode touches it, eager and the peer included (the FLOP
-    count, Dynamo's reset between groups), and Inductor's own failures there were misleading
-    error rows and then a traceback: importing torch._dynamo creates the directory, and an import
-    that fails there leaves Dynamo half set up. So this runs before that import, and works out
-    Inductor's default as torch._inductor.runtime.cache_dir_utils does (importing that imports
-    Dynamo)."""
-    given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = f"uid_{os.getuid()}"
-    directory = os.path.abspath(given or os.path.join(tempfile.gettempdir(),
-                                                      "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user)))
-    try:
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as error:
-        reason = error.strerror or str(error)
-        if isinstance(error, FileExistsError) or os.path.exists(directory) and not os.path.isdir(directory):
-            reason = "it is not a directory"
-        what = f"TORCHINDUCTOR_CACHE_DIR {directory}" if given else f"the compile cache {directory}"
-        fix = "set it to a writable directory or unset it" if given else \
-            "set TORCHINDUCTOR_CACHE_DIR to a writable directory"
-        raise ValueError(f"{what} cannot be used ({reason}): {fix}") from None
