@@ -206,8 +206,7 @@ def write_samples(source: Path, n: int, out: Path, seed: int, device: str) -> No
     if out.suffix not in (".png", ".safetensors"):
         raise ValueError(f"cannot write '{out.suffix or out.name}': --out must end in .png or .safetensors")
     path = source / CHECKPOINT if source.is_dir() else source
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a directory: give a file name ending in .png or .safetensors")
+    checkpoint.replace_target(out)  # not a directory or device: checked before the sampling work
     if checkpoint.is_checkpoint(out):  # the source itself, or another run's state: never overwritten
         raise ValueError(f"--out {out} is a gen checkpoint; samples never replace one: give another file name")
     loaded, metadata = checkpoint.load(path)

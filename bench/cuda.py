@@ -52,6 +52,8 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from gen.bench import plan  # noqa: E402  (the MODEL:B1,B2 entries gen bench takes)
     try:
+        if not args.plan:  # plan() would read no entries as every model
+            raise ValueError("no entries: give MODEL or MODEL:B1,B2 entries, or leave --plan out")
         remaining = plan(args.plan, None)  # MODEL alone: its default batch sizes
     except ValueError as error:
         sys.exit(f"error: --plan: {error}")

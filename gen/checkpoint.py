@@ -47,7 +47,18 @@ def save(path: str | Path, state: Tree, metadata: dict) -> None:
         save_file(tensors, temporary, metadata=header)
         with open(temporary, "rb+") as handle:
             os.fsync(handle.fileno())
-    _fsync_directory(path.parent)
+    _fsync_directory(temporary.parent)  # where the rename happened (a symlinked checkpoint's target folder)
+
+
+def replace_target(path: str | Path) -> Path:
+    """The file that replacing `path` replaces: `path` itself, or the file a symlink points to
+    (the link stays). An OSError naming `path` if that is a directory, device, pipe or socket,
+    which a rename would destroy (`--json /dev/null` once turned /dev/null into a file)."""
+    target = Path(os.path.realpath(path))
+    if target.exists() and not target.is_file():
+        what = "a directory" if target.is_dir() else "not a regular file (a device, pipe or socket)"
+        raise OSError(f"cannot write {path}: it is {what}; give the path of a file")
+    return target
 
 
 @contextmanager
@@ -55,21 +66,22 @@ def replacing(path: str | Path) -> Iterator[Path]:
     """A temporary path beside `path` for the block to write; renamed over `path` when the block
     ends, removed if it raises, so no reader or crash sees half a file. It keeps `path`'s suffix,
     for writers that pick the format by it (matplotlib)."""
-    named = Path(path)
-    path = Path(os.path.realpath(named))  # through a symlink to its file, which is replaced; the link stays
-    if path.exists() and not path.is_file():
-        what = "a directory" if path.is_dir() else "not a regular file"
-        raise OSError(f"cannot write {named}: it is {what}; give the path of a file")
-    # The stem is cut so that the temporary name stays within the 255-byte limit on file names.
-    temporary = path.with_name(f".{path.stem[:64]}.{os.getpid()}.tmp{path.suffix[:16]}")
+    target = replace_target(path)
+    # Cut in bytes, so that the temporary name stays within the 255-byte limit on file names.
+    stem, suffix = (os.fsencode(part)[:limit].decode(errors="ignore")
+                    for part, limit in ((target.stem, 64), (target.suffix, 16)))
+    temporary = target.with_name(f".{stem}.{os.getpid()}.tmp{suffix}")
     try:
         yield temporary
-        os.replace(temporary, path)
+        os.replace(temporary, target)
     except OSError as error:  # named by the file asked for, not the temporary one
-        raise OSError(f"cannot write {named}: {error.strerror or error}; check that its folder is writable "
+        raise OSError(f"cannot write {path}: {error.strerror or error}; check that its folder is writable "
                       "and has space") from None
     finally:
-        temporary.unlink(missing_ok=True)
+        try:
+            temporary.unlink(missing_ok=True)
+        except OSError:  # its folder is the problem (not a directory, ...): the error above says so
+            pass
 
 
 def write_text(path: str | Path, text: str) -> None:

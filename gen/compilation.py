@@ -304,8 +304,8 @@ def check_compile_cache() -> None:
         user = getpass.getuser()
     except (KeyError, OSError):
         user = f"uid_{os.getuid()}"
-    directory = os.path.abspath(given or os.path.join(tempfile.gettempdir(),
-                                                      "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user)))
+    default = os.path.join(tempfile.gettempdir(), "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user))
+    directory = os.path.abspath(given if given is not None else default)  # "" is the working directory
     try:
         os.makedirs(directory, exist_ok=True)
         with tempfile.TemporaryFile(dir=directory):
@@ -314,7 +314,7 @@ def check_compile_cache() -> None:
         reason = error.strerror or str(error)
         if isinstance(error, FileExistsError) or os.path.exists(directory) and not os.path.isdir(directory):
             reason = "it is not a directory"
-        what = f"TORCHINDUCTOR_CACHE_DIR {directory}" if given else f"the compile cache {directory}"
-        fix = "set it to a writable directory or unset it" if given else \
+        what = f"TORCHINDUCTOR_CACHE_DIR {directory}" if given is not None else f"the compile cache {directory}"
+        fix = "set it to a writable directory or unset it" if given is not None else \
             "set TORCHINDUCTOR_CACHE_DIR to a writable directory"
         raise ValueError(f"{what} cannot be used ({reason}): {fix}") from None

@@ -151,7 +151,7 @@ def test_a_json_path_that_cannot_be_written_is_refused_before_the_run(tmp_path, 
     monkeypatch.setattr(harness, "run", lambda *args, **kwargs: pytest.fail("the run started"))
     with pytest.raises(ValueError, match="directory .*missing does not exist: create it"):
         harness.main(models=["gan-2d"], json_path=str(tmp_path / "missing" / "bench.json"))
-    with pytest.raises(ValueError, match="is a directory: give a file name"):
+    with pytest.raises(ValueError, match="^--json: cannot write .*: it is a directory; give the path of a file"):
         harness.main(models=["gan-2d"], json_path=str(tmp_path))
     real_temporary_file = harness.tempfile.TemporaryFile
 
@@ -189,7 +189,7 @@ def test_json_paths_that_are_not_plain_new_or_regular_files(tmp_path, monkeypatc
     assert link.is_symlink() and json.loads(real.read_text())["results"] == []
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    with pytest.raises(ValueError, match="fifo is not a regular file .*give a file name"):
+    with pytest.raises(ValueError, match="cannot write .*fifo: it is not a regular file .*give the path of a file"):
         harness.main(models=["gan-2d"], json_path=str(fifo))
     assert fifo.is_fifo()
     with pytest.raises(ValueError, match="--json needs a file name"):
@@ -216,6 +216,13 @@ def test_an_unusable_compile_cache_directory_is_one_line_before_the_run(tmp_path
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "new" / "cache"))  # created if missing
     compilation.check_compile_cache()
     assert (tmp_path / "new" / "cache").is_dir()
+    probed = []  # set but empty: Inductor takes the working directory (abspath("")), so the check does too
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "")
+    monkeypatch.chdir(tmp_path / "new")
+    monkeypatch.setattr(compilation.tempfile, "TemporaryFile",
+                        lambda dir: probed.append(dir) or open(os.devnull, "rb"))
+    compilation.check_compile_cache()
+    assert probed == [str(tmp_path / "new")]
 
 
 def test_a_time_budget_that_is_not_a_positive_number_is_refused(monkeypatch):
@@ -626,9 +633,10 @@ def test_cuda_driver_reads_its_plan_as_gen_bench_reads_models(tmp_path):
     import subprocess
     import sys
     cuda = [sys.executable, str(bench.PEERS_DIR / "cuda.py"), str(tmp_path / "out"), "--device", "cpu"]
-    for entry, error in (("vae:abc", "error: --plan: bad model entry 'vae:abc': use MODEL or MODEL:B1,B2"),
-                         ("vae:0", "error: --plan: bad model entry 'vae:0': batch sizes must be at least 1")):
-        done = subprocess.run(cuda + ["--plan", entry], capture_output=True, text=True)
+    for entries, error in ((["vae:abc"], "error: --plan: bad model entry 'vae:abc': use MODEL or MODEL:B1,B2"),
+                           (["vae:0"], "error: --plan: bad model entry 'vae:0': batch sizes must be at least 1"),
+                           ([], "error: --plan: no entries")):  # not every model, as gen bench reads none
+        done = subprocess.run(cuda + ["--plan", *entries], capture_output=True, text=True)
         assert done.returncode != 0 and done.stderr.startswith(error) and done.stderr.count("\n") == 1, done.stderr
         assert not (tmp_path / "out").exists()
     # A model alone gets its default batch sizes (here refused at once by the harness, for an unknown mode).

@@ -93,13 +93,19 @@ def test_replacing_writes_through_links_refuses_non_files_and_names_the_file_ask
     assert link.is_symlink() and target.read_text() == "new\n"
     fifo = tmp_path / "pipe.json"
     os.mkfifo(fifo)
-    with pytest.raises(OSError, match=f"cannot write {fifo}: it is not a regular file"):
+    with pytest.raises(OSError, match=f"cannot write {fifo}: it is not a regular file \\(a device, pipe or socket\\)"):
         checkpoint.write_text(fifo, "x")
     with pytest.raises(OSError, match=f"cannot write {tmp_path}: it is a directory"):
         checkpoint.write_text(tmp_path, "x")
     long_name = tmp_path / ("r" * 245 + ".json")  # 250 bytes: a legal name, whose temporary must be shorter
     checkpoint.write_text(long_name, "long\n")
     assert long_name.read_text() == "long\n"
+    wide_name = tmp_path / ("\N{GRINNING FACE}" * 62 + ".json")  # 253 bytes in 67 characters
+    checkpoint.write_text(wide_name, "wide\n")
+    assert wide_name.read_text() == "wide\n"
+    under_a_file = target / "x.json"  # the temporary cannot even be removed: still the target's name
+    with pytest.raises(OSError, match=f"^cannot write {under_a_file}: Not a directory"):
+        checkpoint.write_text(under_a_file, "x")
 
     def read_only(source, destination):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(source), str(destination))
@@ -109,7 +115,21 @@ def test_replacing_writes_through_links_refuses_non_files_and_names_the_file_ask
     assert str(error.value).startswith(f"cannot write {target}: Read-only file system")
     assert ".tmp" not in str(error.value) and target.read_text() == "new\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["real.json", "link.json", "pipe.json",
-                                                                  long_name.name])
+                                                                  long_name.name, wide_name.name])
+
+
+def test_a_symlinked_checkpoint_is_saved_and_synced_in_its_targets_folder(tmp_path, monkeypatch):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    target = tmp_path / "elsewhere" / "checkpoint.safetensors"
+    checkpoint.save(target, make_state(), {**META, "step": 1})
+    link = tmp_path / "run" / "checkpoint.safetensors"
+    link.symlink_to(target)
+    synced = []
+    monkeypatch.setattr(checkpoint, "_fsync_directory", synced.append)
+    checkpoint.save(link, make_state(), {**META, "step": 2})
+    assert link.is_symlink() and checkpoint.load(target)[1]["step"] == 2
+    assert synced == [tmp_path / "elsewhere"]  # the rename's folder is the one made durable
 
 
 DAMAGED_METADATA = {"config-not-object": {"config": "vae"}, "no-shape": {"shape": None},

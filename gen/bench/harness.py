@@ -401,8 +401,6 @@ def json_target(json_path: str) -> Path:
     if not json_path:
         raise ValueError("--json needs a file name, e.g. --json bench.json")
     given = Path(json_path)
-    if given.is_dir():
-        raise ValueError(f"--json {json_path} is a directory: give a file name, e.g. {given / 'bench.json'}")
     refuse_to_replace(json_path)
     try:
         target = given.resolve()
@@ -425,9 +423,10 @@ def refuse_to_replace(json_path: str) -> None:
     """Refuse an existing --json that the results must not replace: a device, pipe or socket
     (/dev/null, /dev/stdout) or a gen checkpoint."""
     path = Path(json_path)
-    if path.exists() and not path.is_file():
-        raise ValueError(f"--json {json_path} is not a regular file (a device, pipe or socket), which the results "
-                         "would replace: give a file name, e.g. bench.json")
+    try:
+        checkpoint.replace_target(path)
+    except OSError as error:
+        raise ValueError(f"--json: {error}, e.g. bench.json") from None
     if checkpoint.is_checkpoint(path):  # a training state: never overwritten, as gen sample refuses too
         raise ValueError(f"--json {json_path} is a gen checkpoint, which the results would replace: "
                          "give another file name, e.g. bench.json")
