@@ -14,6 +14,7 @@ with a one-line message.
 """
 
 import json
+import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,6 +83,19 @@ def replacing(path: str | Path) -> Iterator[Path]:
             temporary.unlink(missing_ok=True)
         except OSError:  # its folder is the problem (not a directory, ...): the error above says so
             pass
+
+
+def json_safe(value):
+    """`value` with every non-finite float as None: JSON has no NaN or Infinity (Python writes them,
+    strict parsers refuse them), and a diverged metric or a bench step check of inf is what most
+    needs reading."""
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def write_text(path: str | Path, text: str) -> None:

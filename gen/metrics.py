@@ -10,10 +10,10 @@ The definitions are those of VEEGAN (Srivastava et al. 2017, §5.1) and PacGAN
   quality samples assigned to it (for n samples: 20 · n / 2500);
 - the *reverse KL* is KL(p̂ ‖ uniform) between the generated mode frequencies
   (high-quality samples only, PacGAN's convention) and the uniform mixture
-  weights: 0 when every mode receives the same share.
+  weights: 0 when every mode receives the same share. With no high-quality
+  sample there are no frequencies and the KL is undefined: it is left out
+  (an infinity would not be JSON, and the run log is JSON).
 """
-
-import math
 
 import torch
 from torch import Tensor
@@ -31,9 +31,11 @@ def mode_coverage(samples: Tensor, modes: Tensor, std: float, n_stds: float = 3.
     frequencies = counts / counts.sum().clamp(min=1)
     # KL(p̂ ‖ u) = Σ_m p̂_m log(p̂_m · M), with 0 log 0 = 0
     reverse_kl = torch.where(frequencies > 0, frequencies * torch.log(frequencies * len(modes)), 0.0).sum()
-    return {
+    coverage = {
         "modes_captured": int((counts >= threshold).sum()),
         "n_modes": len(modes),
         "high_quality_pct": 100.0 * high_quality.float().mean().item(),
-        "reverse_kl": reverse_kl.item() if counts.sum() > 0 else math.inf,
     }
+    if counts.sum() > 0:
+        coverage["reverse_kl"] = reverse_kl.item()
+    return coverage

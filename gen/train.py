@@ -314,7 +314,7 @@ def _graph_count() -> int:
 def _append(path: Path, row: dict, history: list[dict]) -> None:
     history.append(row)
     with open(path, "a") as handle:
-        handle.write(json.dumps(row) + "\n")
+        handle.write(json.dumps(checkpoint.json_safe(row), allow_nan=False) + "\n")  # a diverged NaN as null
 
 
 def _restart_metrics(path: Path, start_step: int) -> list[dict]:
@@ -343,4 +343,4 @@ def _is_metrics_row(row) -> bool:
 
 
 def _write_json(path: Path, value: dict) -> None:
-    checkpoint.write_text(path, json.dumps(value, indent=2) + "\n")
+    checkpoint.write_text(path, json.dumps(checkpoint.json_safe(value), indent=2, allow_nan=False) + "\n")

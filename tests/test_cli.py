@@ -58,6 +58,13 @@ def test_a_diverging_run_stops_with_one_line_and_saves_nothing(tmp_path):
     assert_one_line_error(result, "training diverged: the logged metrics became NaN or infinite by step 5; "
                                   "no checkpoint was written: start a new run with a lower --lr")
     assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
+    # the diverged row is logged, in strict JSON: its NaN as null
+    import json
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    logged = [json.loads(line, parse_constant=refuse) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert logged[-1]["step"] == 5 and None in logged[-1].values()
     # the same command with a sound --lr may take the folder over: it holds only the failed run's files
     retried = gen("train", "vae", "--steps", 20, "--log-every", 5, "--no-compile", "--no-progress",
                   "--out", tmp_path / "run")

@@ -50,3 +50,14 @@ def test_collapsed_samples_capture_one_mode():
     assert result["modes_captured"] == 1
     assert result["high_quality_pct"] == 100.0
     assert result["reverse_kl"] == pytest.approx(math.log(8), rel=1e-5)
+
+
+def test_no_high_quality_sample_leaves_the_reverse_kl_out():
+    """KL(p̂ ‖ u) needs frequencies; with every sample far from every mode there are none, and an
+    infinity would not be JSON (the run log is)."""
+    import json
+    modes = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    coverage = mode_coverage(torch.full((50, 2), 10.0), modes, std=0.01)
+    assert coverage == {"modes_captured": 0, "n_modes": 2, "high_quality_pct": 0.0}
+    json.loads(json.dumps(coverage, allow_nan=False))
+

@@ -42,7 +42,7 @@ The package, one file per part:
     modes.py         one runner per mode (compiled, undonated, eager, module, vmap-N, CUDA modes)
     compile_time.py  cold and warm compile seconds, in fresh processes
     harness.py       groups, interleaved rounds, error rows; main (time, then print and write)
-    report.py        the table, × module, the JSON-safe results
+    report.py        the table, × module
 """
 
 from gen.bench.compile_time import compile_probe, compile_seconds
@@ -51,5 +51,6 @@ from gen.bench.machine import keep_freed_memory, machine, matmul_peak_gflops, ti
 from gen.bench.modes import CUDA_MODES, MODELS, MODES, PEERS_DIR, \
     cudagraph_runner, donated_runner, flops_per_step, load_peers, make_runner, model_config, \
     synthetic_inputs
-from gen.bench.report import json_safe, print_table, speedups
+from gen.bench.report import print_table, speedups
+from gen.checkpoint import json_safe
 from gen.device import autocast_step, resolve_device

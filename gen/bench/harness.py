@@ -18,7 +18,7 @@ from gen.bench.compile_time import compile_seconds
 from gen.bench.machine import fastest, keep_freed_memory, machine, matmul_samplers, peak_memory_mb, time_mode
 from gen.bench.modes import CUDA_MODES, EXTRA_MODES, MODELS, MODES, PEERS_DIR, flops_per_step, load_peers, \
     make_runner, model_config
-from gen.bench.report import json_safe, print_table, speedups
+from gen.bench.report import print_table, speedups
 from gen.device import resolve_device
 
 
@@ -358,7 +358,7 @@ def main(models: list[str] | None = None, batch_sizes: list[int] | None = None, 
     def write(results: list[dict], complete: bool) -> None:
         if target is not None:
             info["complete"] = complete
-            text = json.dumps(json_safe({"machine": info, "results": results}), indent=2, allow_nan=False)
+            text = json.dumps(checkpoint.json_safe({"machine": info, "results": results}), indent=2, allow_nan=False)
             try:
                 refuse_to_replace(json_path)  # it may have changed since the run began
                 checkpoint.write_text(target, text + "\n")  # whole or not at all, as every file gen writes

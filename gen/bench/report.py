@@ -1,7 +1,6 @@
-"""What a run reports: the rich table, each mode's samples/s relative to the peer, and the
-JSON-safe form of the results."""
+"""What a run reports: the rich table and each mode's samples/s relative to the peer (the
+JSON is made strict by gen.checkpoint.json_safe, which the run log uses too)."""
 
-import math
 
 from gen import mkl_amd
 
@@ -53,15 +52,3 @@ def print_table(results: list[dict], machine_info: dict | None = None) -> None:
         kind = "CUDA max allocated" if results[0]["device"] == "cuda" else "process max RSS so far (CPU)"
         peaks = [r["peak_gflops"] for r in results if r.get("peak_gflops") is not None]  # none in rows never run
         console.print(f"peak MB: {kind}" + (f"; float32 matmul peak {peaks[0]:.1f} GFLOP/s" if peaks else ""))
-
-
-def json_safe(value):
-    """`value` with every non-finite float as None: JSON has no NaN or Infinity (Python writes them,
-    strict parsers refuse them), and a step check of inf (a NaN metric) is what most needs reading."""
-    if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(item) for item in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
