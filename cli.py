@@ -142,8 +142,10 @@ def train(
             # The data files may have moved: a new --data-dir, or a run's IDX directory given anew.
             moved = {**({"data_dir": data_dir} if data_dir is not None else {}),
                      **({"data": absolute_directory(data)} if data is not None else {})}
-            config = replace(config, compile=compile, device=device, log_every=log_every,
-                             sample_every=sample_every, **length, **moved)
+            # How it runs and reports stays the run's own too, unless given again (it was reset to
+            # the defaults: a run logging every step went back to every 50th).
+            how = {name: given[name] for name in ("compile", "device", "log_every", "sample_every") if name in given}
+            config = replace(config, **how, **length, **moved)
         else:
             data = absolute_directory(data or default_data(model))
             config = Config(model=model, data=data, data_dir=data_dir, epochs=epochs, steps=steps,

@@ -180,6 +180,23 @@ def test_resume_extends_a_run(run, tmp_path):
     assert "trained 30 steps" in result.output
 
 
+def test_resume_keeps_how_the_run_runs_and_reports_unless_given_again(tmp_path):
+    import json
+    out = tmp_path / "run"
+    first = gen("train", "vae", "--steps", 4, "--log-every", 2, "--sample-every", 3, "--no-compile", "--device", "cpu",
+                "--no-progress", "--out", out)
+    assert first.exit_code == 0, first.output
+    resumed = gen("train", "vae", "--resume", "--out", out, "--steps", 8, "--no-progress")
+    assert resumed.exit_code == 0, resumed.output
+    config = json.loads((out / "config.json").read_text())
+    assert (config["log_every"], config["sample_every"], config["compile"], config["device"]) == (2, 3, False, "cpu")
+    logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").open() if '"loss"' in line]
+    assert logged == [2, 4, 6, 8] and (out / "samples" / "step_0000006.png").exists()
+    again = gen("train", "vae", "--resume", "--out", out, "--steps", 12, "--log-every", 4, "--no-progress")
+    assert again.exit_code == 0, again.output
+    assert json.loads((out / "config.json").read_text())["log_every"] == 4
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["train", "nope"], "unknown model 'nope'"),
     (["train", "vae", "--data", "nope"], "unknown data set 'nope'"),
