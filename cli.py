@@ -165,7 +165,7 @@ def train(
         if not out_of_memory(error):
             raise
         fail("out of memory for this model and batch (checkpoints already written are kept): "
-             "start a run with a smaller --batch-size, --hidden-dim or --latent-dim")
+             "start a run with a smaller --batch-size, --hidden-dim, --latent-dim or --iwae-k")
     final = {k: round(v, 4) for k, v in summary["final"].items() if isinstance(v, float)}
     evaluation = {k: round(v, 4) if isinstance(v, float) else v for k, v in summary["evaluation"].items()
                   if k not in ("step", "epoch")}
@@ -263,8 +263,10 @@ def out_of_memory(error: BaseException) -> bool:
     allocate memory", or "not enough memory" on Windows; MPS's "out of memory")."""
     import torch
     message = str(error)
+    # "Storage size calculation overflowed": sizes whose product passes int64, more than any memory.
     return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or any(
-        words in message for words in ("can't allocate memory", "not enough memory", "out of memory"))
+        words in message for words in ("can't allocate memory", "not enough memory", "out of memory",
+                                       "Storage size calculation overflowed"))
 
 
 def physical_memory_bytes() -> float:

@@ -6,6 +6,7 @@ Fields left as None take the model family's default (`resolve`), so
 """
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
 
@@ -82,21 +83,34 @@ def resolve(config: Config, defaults: dict) -> Config:
     return dataclasses.replace(config, **filled)
 
 
+# The most a size option may be: a tensor dimension that large already asks for terabytes, and a
+# Python integer past int64 would reach torch as an overflow, not as a one-line error.
+MAX_SIZE = 2**31 - 1
+
+
 def validate(config: Config) -> None:
     """Raise ValueError with a one-line message for settings that cannot work."""
+    finite = math.isfinite
+    sizes = {"batch_size": config.batch_size, "latent_dim": config.latent_dim, "hidden_dim": config.hidden_dim,
+             "iwae_k": config.iwae_k, "n_critic": config.n_critic, "pack": config.pack}
+    for name, size in sizes.items():
+        if size is not None and size > MAX_SIZE:
+            raise ValueError(f"--{name.replace('_', '-')} {size} is too large: the most is {MAX_SIZE:,}, "
+                             "and far less fits in memory")
     checks = [
         (-2**63 <= config.seed < 2**64, "--seed must be between -2^63 and 2^64 - 1"),  # what torch.Generator takes
         (config.batch_size is None or config.batch_size >= 1, "--batch-size must be at least 1"),
-        (config.lr is None or config.lr > 0, "--lr must be positive"),
+        (config.lr is None or 0 < config.lr < math.inf, "--lr must be positive and finite"),
         (config.epochs is None or config.epochs >= 1, "--epochs must be at least 1"),
         (config.steps is None or config.steps >= 1, "--steps must be at least 1"),
         (not (config.epochs and config.steps), "give --epochs or --steps, not both"),
         (config.iwae_k >= 1, "--iwae-k must be at least 1"),
-        (config.beta >= 0, "--beta must be non-negative"),
+        (finite(config.beta) and config.beta >= 0, "--beta must be non-negative and finite"),
         (config.iwae_k == 1 or config.beta == 1.0, "--beta weights the ELBO's KL term; IWAE (--iwae-k > 1) "
                                                    "has no such term, so drop one of the two"),
         (config.optimizer in ("adam", "adamw", "sgd"), "--optimizer must be adam, adamw or sgd"),
-        (config.weight_decay is None or config.weight_decay >= 0, "--weight-decay must be non-negative"),
+        (config.weight_decay is None or (finite(config.weight_decay) and config.weight_decay >= 0),
+         "--weight-decay must be non-negative and finite"),
         (not config.weight_decay or config.optimizer == "adamw",
          "--weight-decay is AdamW's decoupled decay: use it with --optimizer adamw"),
         (config.lr_schedule in (None, "constant", "linear", "cosine"), "--lr-schedule must be constant, linear or cosine"),
@@ -104,7 +118,7 @@ def validate(config: Config) -> None:
         (config.ema_decay is None or 0.0 <= config.ema_decay < 1.0, "--ema-decay must be in [0, 1): 0 turns the average off"),
         (config.gan_loss in (None, "minimax", "non-saturating", "wasserstein", "hinge"),
          "--gan-loss must be minimax, non-saturating, wasserstein or hinge"),
-        (config.gp_weight >= 0, "--gp-weight must be non-negative"),
+        (finite(config.gp_weight) and config.gp_weight >= 0, "--gp-weight must be non-negative and finite"),
         (config.latent_dim is None or config.latent_dim >= 1, "--latent-dim must be at least 1"),
         (config.hidden_dim is None or config.hidden_dim >= 1, "--hidden-dim must be at least 1"),
         (config.n_critic is None or config.n_critic >= 1, "--n-critic must be at least 1"),

@@ -324,6 +324,17 @@ def test_a_model_too_big_for_memory_is_one_line(tmp_path, monkeypatch):
                           "out of memory for this model and batch")
 
 
+def test_sizes_past_what_torch_can_count_are_one_line(tmp_path):
+    """2^31 - 1 by 2^31 - 1: each size is allowed, their product's bytes pass int64 and torch
+    refuses to count them ("Storage size calculation overflowed"); past 2^31 - 1 validation
+    refuses the size itself (past int64 torch would raise a TypeError)."""
+    assert_one_line_error(gen("train", "vae", "--steps", 1, "--latent-dim", 2**31 - 1, "--hidden-dim", 2**31 - 1,
+                              "--no-compile", "--no-progress", "--out", tmp_path / "big"),
+                          "out of memory for this model and batch")
+    assert_one_line_error(gen("train", "vae", "--steps", 1, "--latent-dim", 2**64, "--no-compile", "--no-progress",
+                              "--out", tmp_path / "bigger"), f"--latent-dim {2**64} is too large")
+
+
 def test_gan_run_reports_its_own_losses_and_mode_coverage(tmp_path):
     """A GAN logs d_loss/g_loss (no "loss"): they are its final metrics and its loss curves,
     and the mixture's mode coverage is its evaluation."""

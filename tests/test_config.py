@@ -78,6 +78,14 @@ def test_config_from_json_refuses_values_of_the_wrong_type():
     (Config(gan_loss="least-squares"), "--gan-loss must be"),
     (Config(gp_weight=-1), "--gp-weight must be non-negative"),
     (Config(hidden_dim=0), "--hidden-dim must be at least 1"),
+    (Config(lr=math.inf), "--lr must be positive and finite"),
+    (Config(beta=math.inf), "--beta must be non-negative and finite"),
+    (Config(beta=math.nan), "--beta must be non-negative and finite"),
+    (Config(optimizer="adamw", weight_decay=math.inf), "--weight-decay must be non-negative and finite"),
+    (Config(gp_weight=math.inf), "--gp-weight must be non-negative and finite"),
+    (Config(latent_dim=2**62), "--latent-dim 4611686018427387904 is too large: the most is 2,147,483,647"),
+    (Config(iwae_k=2**63 - 1), "--iwae-k 9223372036854775807 is too large"),
+    (Config(hidden_dim=2**64), "--hidden-dim 18446744073709551616 is too large"),
     (Config(pack=3, batch_size=64), "--batch-size must be a multiple of --pack"),
 ])
 def test_invalid_settings_are_named(config, message):
