@@ -114,7 +114,9 @@ def test_sample_checks_a_checkpoints_config_before_building_its_model(run, tmp_p
             ("seed", {"config": {**config, "seed": 2 ** 70}}, "--seed must be between"),
             ("model", {"config": {**config, "model": "gan"}}, "model 'vae' but a 'gan' config"),
             ("points", {"config": {**config, "data": "ring8"}}, "trained on 'ring8' cannot make image"),
-            ("huge", {"config": {**config, "hidden_dim": 10 ** 12}}, "not enough memory to build the model")):
+            ("toolarge", {"config": {**config, "hidden_dim": 10 ** 12}}, "--hidden-dim 1000000000000 is too large"),
+            ("huge", {"config": {**config, "hidden_dim": 2 ** 31 - 1, "latent_dim": 2 ** 31 - 1}},
+             "not enough memory to build the model")):
         path = tmp_path / f"{name}.safetensors"
         save_file(tensors, path, metadata={**header, "gen": json.dumps({**metadata, **damage})})
         assert_one_line_error(gen("sample", path, "--out", tmp_path / "x.png"), fragment)
