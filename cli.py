@@ -64,6 +64,15 @@ RUN_SETTINGS = ("batch_size", "lr", "optimizer", "weight_decay", "beta", "iwae_k
                 "hidden_dim", "gan_loss", "n_critic", "gp_weight", "pack", "ema_decay", "seed", "precision")
 
 
+# `gen train` options that only some models read: given to another model they would be recorded in
+# its config and change nothing, so they are refused.
+VAES, GANS = ("vae", "conv-vae"), ("gan", "dcgan", "wgan-gp", "sngan")
+MODEL_OPTIONS = {"beta": VAES, "iwae_k": VAES, "gan_loss": GANS, "n_critic": GANS, "ema_decay": GANS,
+                 "gp_weight": ("wgan-gp",), "pack": ("gan", "sngan"),
+                 "hidden_dim": ("vae", "conv-vae", "gan", "wgan-gp", "sngan")}  # dcgan's widths are fixed
+IDX_SETS = ("fashion-mnist", "mnist")  # the named sets found through --data-dir
+
+
 @app.command()
 def train(
     context: typer.Context,
@@ -111,6 +120,13 @@ def train(
     from gen.config import Config
     from gen.train import CHECKPOINT, train as run_training
 
+    # The options typed on the command line. (The source is compared by name: typer 0.29 carries
+    # its own copy of click's ParameterSource enum.)
+    given = {name: value for name, value in arguments.items()
+             if getattr(context.get_parameter_source(name), "name", None) == "COMMANDLINE"}
+    for name, readers in MODEL_OPTIONS.items():
+        if name in given and model not in readers:
+            fail(f"--{name.replace('_', '-')} does not apply to {model} (only to {', '.join(readers)}): leave it out")
     try:
         if resume:
             out = out or run_folder(model, absolute_directory(data or default_data(model)))
@@ -122,10 +138,7 @@ def train(
             config = Config.from_dict(metadata["config"])
             # What the run trains (data, model, optimizer, precision, seed, ...) is fixed by its
             # checkpoint; a resume may change only how long and where it runs, and how it reports.
-            # An option given with the run's own value changes nothing and passes. (The source is
-            # compared by name: typer 0.29 carries its own copy of click's ParameterSource enum.)
-            given = {name: value for name, value in arguments.items()
-                     if getattr(context.get_parameter_source(name), "name", None) == "COMMANDLINE"}
+            # An option given with the run's own value changes nothing and passes.
             changed = [name for name in RUN_SETTINGS if name in given and given[name] != getattr(config, name)]
             if changed:
                 name = changed[0]
@@ -156,6 +169,12 @@ def train(
                             ema_decay=ema_decay, compile=compile, device=device, precision=precision,
                             log_every=log_every, sample_every=sample_every)
             out = out or default_out(model, data)
+        if "hidden_dim" in given and model in ("wgan-gp", "sngan") and datasets.kind_of(config.data) == "image":
+            fail(f"--hidden-dim does not apply to {model} on images (DCGAN's convolutional networks, of fixed "
+                 "widths): leave it out")
+        if "data_dir" in given and config.data not in IDX_SETS:
+            fail(f"--data-dir is where {' and '.join(IDX_SETS)} are looked for; '{config.data}' does not use it: "
+                 "leave it out")
         summary = run_training(config, out, resume=resume, show_progress=progress)
     except KeyboardInterrupt as interrupt:
         fail(str(interrupt) or "interrupted", INTERRUPTED)

@@ -182,6 +182,26 @@ def test_resume_extends_a_run(run, tmp_path):
     assert "trained 30 steps" in result.output
 
 
+@pytest.mark.parametrize("args, fragment", [
+    (["vae", "--ema-decay", "0.9"], "--ema-decay does not apply to vae (only to gan, dcgan, wgan-gp, sngan)"),
+    (["vae", "--pack", "4"], "--pack does not apply to vae"),
+    (["conv-vae", "--gan-loss", "hinge"], "--gan-loss does not apply to conv-vae"),
+    (["vae", "--n-critic", "3"], "--n-critic does not apply to vae"),
+    (["gan", "--beta", "3"], "--beta does not apply to gan (only to vae, conv-vae)"),
+    (["sngan", "--iwae-k", "5"], "--iwae-k does not apply to sngan"),
+    (["gan", "--gp-weight", "5"], "--gp-weight does not apply to gan (only to wgan-gp)"),
+    (["dcgan", "--hidden-dim", "7"], "--hidden-dim does not apply to dcgan"),
+    (["sngan", "--data", "digits", "--hidden-dim", "7"], "--hidden-dim does not apply to sngan on images"),
+    (["vae", "--data-dir", "/nonexistent"], "--data-dir is where fashion-mnist and mnist are looked for; "
+                                            "'digits' does not use it"),
+])
+def test_options_the_model_does_not_read_are_refused(args, fragment, tmp_path):
+    """Accepted, they were recorded in the run's config and changed nothing."""
+    assert_one_line_error(gen("train", *args, "--steps", 2, "--no-compile", "--no-progress", "--out", tmp_path / "o"),
+                          fragment)
+    assert not (tmp_path / "o").exists()
+
+
 def test_resume_keeps_how_the_run_runs_and_reports_unless_given_again(tmp_path):
     import json
     out = tmp_path / "run"
