@@ -95,7 +95,8 @@ def train(
                                                                 "the MLP networks of the GANs)")] = None,
     gan_loss: Annotated[Optional[str], typer.Option(help="GAN: minimax | non-saturating | wasserstein | "
                                                         "hinge")] = None,
-    n_critic: Annotated[Optional[int], typer.Option(help="WGAN-GP: critic updates per generator update")] = None,
+    n_critic: Annotated[Optional[int], typer.Option(help="GAN: discriminator updates per generator update "
+                                                        "(WGAN-GP's default 5, the others' 1)")] = None,
     gp_weight: Annotated[float, typer.Option(help="WGAN-GP: gradient penalty weight λ")] = 10.0,
     pack: Annotated[Optional[int], typer.Option(help="PacGAN: samples the discriminator judges jointly")] = None,
     ema_decay: Annotated[Optional[float], typer.Option(help="GAN: decay of the generator's weight average, "
@@ -116,7 +117,7 @@ def train(
     arguments = dict(locals())  # the options as given, for --resume's check
     from dataclasses import replace
 
-    from gen import checkpoint, data as datasets
+    from gen import checkpoint, data as datasets, models
     from gen.config import Config
     from gen.train import CHECKPOINT, train as run_training
 
@@ -124,10 +125,8 @@ def train(
     # its own copy of click's ParameterSource enum.)
     given = {name: value for name, value in arguments.items()
              if getattr(context.get_parameter_source(name), "name", None) == "COMMANDLINE"}
-    for name, readers in MODEL_OPTIONS.items():
-        if name in given and model not in readers:
-            fail(f"--{name.replace('_', '-')} does not apply to {model} (only to {', '.join(readers)}): leave it out")
     try:
+        models.get(model)  # an unknown name first: the option checks below would blame an option
         if resume:
             out = out or run_folder(model, absolute_directory(data or default_data(model)))
             if out.name == CHECKPOINT and out.is_file():
@@ -169,10 +168,18 @@ def train(
                             ema_decay=ema_decay, compile=compile, device=device, precision=precision,
                             log_every=log_every, sample_every=sample_every)
             out = out or default_out(model, data)
-        if "hidden_dim" in given and model in ("wgan-gp", "sngan") and datasets.kind_of(config.data) == "image":
+        for name, readers in MODEL_OPTIONS.items():  # a resume may restate the run's own value
+            if name in given and model not in readers and not (resume and given[name] == getattr(config, name)):
+                fail(f"--{name.replace('_', '-')} does not apply to {model} (only to {', '.join(readers)}): "
+                     "leave it out")
+        # The checks that depend on the data only for data that exists: a misspelt --data is
+        # data.load's to name, not a reason to drop --data-dir.
+        known_data = config.data in datasets.NAMED_SETS or Path(config.data).is_dir()
+        if ("hidden_dim" in given and model in ("wgan-gp", "sngan") and known_data
+                and datasets.kind_of(config.data) == "image" and not (resume and hidden_dim == config.hidden_dim)):
             fail(f"--hidden-dim does not apply to {model} on images (DCGAN's convolutional networks, of fixed "
                  "widths): leave it out")
-        if "data_dir" in given and config.data not in IDX_SETS:
+        if "data_dir" in given and known_data and config.data not in IDX_SETS:
             fail(f"--data-dir is where {' and '.join(IDX_SETS)} are looked for; '{config.data}' does not use it: "
                  "leave it out")
         summary = run_training(config, out, resume=resume, show_progress=progress)

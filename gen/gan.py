@@ -168,7 +168,9 @@ def check_batch_size(config: Config, shape: tuple) -> None:
 def networks_init(config: Config, shape: tuple, generator: torch.Generator):
     """((G params, G state), (D params, D state)) for the family and data shape."""
     if packing(config) > 1 and (uses_convolutions(config, shape) or config.model == "wgan-gp"):
-        raise ValueError("--pack applies to the MLP discriminators of gan and sngan only")
+        network = "a convolutional discriminator" if uses_convolutions(config, shape) else "a per-example critic"
+        raise ValueError(f"--pack applies to the MLP discriminators of gan and sngan only, and {config.model} "
+                         f"{'on images ' if len(shape) == 3 else ''}has {network}: leave it out")
     check_batch_size(config, shape)
     if uses_convolutions(config, shape):
         norm = {"dcgan": "batch", "wgan-gp": "none", "sngan": "spectral"}[config.model]

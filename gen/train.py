@@ -328,8 +328,11 @@ def _restart_metrics(path: Path, start_step: int) -> list[dict]:
         except ValueError:  # a line cut short by a crash (JSONDecodeError), or not UTF-8
             continue
         if _is_metrics_row(row) and row["step"] <= start_step:
-            rows.append(row)
-    text = "".join(json.dumps(row) + "\n" for row in rows)
+            # An older gen logged an undefined reverse KL as Infinity: kept rows lose non-finite
+            # fields, as the metric is now left out, so the rewritten log is strict JSON.
+            rows.append({name: value for name, value in row.items()
+                         if not (isinstance(value, float) and not math.isfinite(value))})
+    text = "".join(json.dumps(row, allow_nan=False) + "\n" for row in rows)
     checkpoint.write_text(path, text)
     return rows
 

@@ -115,10 +115,15 @@ def test_resume_drops_log_lines_gen_could_not_have_written(tmp_path):
     training.train(Config(**{**config.to_dict(), "steps": 5}), tmp_path, show_progress=False)
     kept = (tmp_path / "metrics.jsonl").read_bytes()
     junk = [b"5", b"[1, 2]", b'{"step": "3"}', b'{"step": null}', b'{"step": true}', b'{"step": 2, "loss": "x"}',
-            b'{"loss": 1.0}', b"\xff\xfe not utf-8", b'{"step": 4, "loss": 1.5']
+            b'{"loss": 1.0}', b"\xff\xfe not utf-8", b'{"step": 4, "loss": 1.5',
+            b'{"step": 5, "modes_captured": 0, "reverse_kl": Infinity}']  # an older gen's undefined KL
     (tmp_path / "metrics.jsonl").write_bytes(kept + b"\n".join(junk) + b"\n")
     training.train(config, tmp_path, resume=True, show_progress=False)
-    logged = rows(tmp_path)
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    logged = [json.loads(line, parse_constant=refuse) for line in (tmp_path / "metrics.jsonl").open()]
+    assert {"step": 5, "modes_captured": 0} in logged  # kept, without the non-finite field
     assert (tmp_path / "metrics.jsonl").read_bytes().startswith(kept)
     assert [row["step"] for row in logged if "loss" in row] == [5, 10]
     assert all(isinstance(row["step"], int) for row in logged)
