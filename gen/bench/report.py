@@ -1,6 +1,8 @@
 """What a run reports: the rich table and each mode's samples/s relative to the peer (the
 JSON is made strict by gen.checkpoint.json_safe, which the run log uses too)."""
 
+import os
+import sys
 
 from gen import mkl_amd
 
@@ -46,7 +48,9 @@ def print_table(results: list[dict], machine_info: dict | None = None) -> None:
                       f"{ratio[key]:.2f}" if key in ratio else "", f"{r['ms_per_step']:.2f}",
                       number(r["gflops"], ".1f"), number(r["pct_of_peak"], ".0f") + ("%" if r["pct_of_peak"] else ""),
                       compile_cell, f"{r['first_call_s']:.1f}", f"{r['peak_memory_mb']:.0f}")
-    console = Console()
+    # Piped into a log, rich would squeeze the eleven columns into 80 ("mod…"): a log keeps them
+    # all. (rich reads COLUMNS itself; a terminal has its own width.)
+    console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
     console.print(table)
     if results:
         kind = "CUDA max allocated" if results[0]["device"] == "cuda" else "process max RSS so far (CPU)"
