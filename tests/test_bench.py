@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gen import bench, compilation, models, optim
-from gen.bench import harness
+from gen.bench import harness, report
 from gen.tree import leaves, take
 
 peers = bench.load_peers()
@@ -153,14 +153,14 @@ def test_a_json_path_that_cannot_be_written_is_refused_before_the_run(tmp_path, 
         harness.main(models=["gan-2d"], json_path=str(tmp_path / "missing" / "bench.json"))
     with pytest.raises(ValueError, match="^--json: cannot write .*: it is a directory; give the path of a file"):
         harness.main(models=["gan-2d"], json_path=str(tmp_path))
-    real_temporary_file = harness.tempfile.TemporaryFile
+    real_temporary_file = report.tempfile.TemporaryFile
 
     def refusing(*args, dir=None, **kwargs):  # a directory that exists but takes no new file (read-only, /proc)
         if str(dir) == str(tmp_path / "readonly"):
             raise PermissionError(13, "Permission denied")
         return real_temporary_file(*args, dir=dir, **kwargs)
     (tmp_path / "readonly").mkdir()
-    monkeypatch.setattr(harness.tempfile, "TemporaryFile", refusing)
+    monkeypatch.setattr(report.tempfile, "TemporaryFile", refusing)
     with pytest.raises(ValueError, match="bench.json cannot be written \\(Permission denied\\): choose another"):
         harness.main(models=["gan-2d"], json_path=str(tmp_path / "readonly" / "bench.json"))
     assert list((tmp_path / "readonly").iterdir()) == []

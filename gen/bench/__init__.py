@@ -42,7 +42,7 @@ The package, one file per part:
     modes.py         one runner per mode (compiled, undonated, eager, module, vmap-N, CUDA modes)
     compile_time.py  cold and warm compile seconds, in fresh processes
     harness.py       groups, interleaved rounds, error rows; main (time, then print and write)
-    report.py        the table, × module
+    report.py        the table, × module, the checks on the --json file
 """
 
 from gen.bench.compile_time import compile_probe, compile_seconds

@@ -4,10 +4,8 @@ rounds, turn failures into error rows; `main` runs it and writes the table and t
 
 import json
 import os
-import tempfile
 import time
 import traceback
-from pathlib import Path
 from statistics import median
 from typing import Callable
 
@@ -18,7 +16,7 @@ from gen.bench.compile_time import compile_seconds
 from gen.bench.machine import fastest, keep_freed_memory, machine, matmul_samplers, peak_memory_mb, time_mode
 from gen.bench.modes import CUDA_MODES, EXTRA_MODES, MODELS, MODES, PEERS_DIR, flops_per_step, load_peers, \
     make_runner, model_config
-from gen.bench.report import print_table, speedups
+from gen.bench.report import json_target, print_table, refuse_to_replace, speedups
 from gen.device import resolve_device
 
 
@@ -393,40 +391,3 @@ def main(models: list[str] | None = None, batch_sizes: list[int] | None = None, 
         raise KeyboardInterrupt  # what was done is printed and written; the caller exits as interrupted
     return results
 
-
-def json_target(json_path: str) -> Path:
-    """The file --json names, checked before the run: a new or regular file that is not a gen
-    checkpoint, in a directory that takes new files. A symbolic link is followed: the file it
-    points at is replaced and the link kept."""
-    if not json_path:
-        raise ValueError("--json needs a file name, e.g. --json bench.json")
-    given = Path(json_path)
-    refuse_to_replace(json_path)
-    try:
-        target = given.resolve()
-    except (OSError, RuntimeError) as error:  # a loop of symbolic links
-        raise ValueError(f"--json {json_path} cannot be followed ({error}): choose another path") from None
-    if not target.parent.is_dir():
-        if target.parent.exists():
-            raise ValueError(f"--json: {target.parent} is not a directory: write into a directory")
-        raise ValueError(f"--json: the directory {target.parent} does not exist: create it or write elsewhere")
-    try:  # the results are written beside it, then renamed over it: the directory must take a new file
-        with tempfile.TemporaryFile(dir=target.parent):
-            pass
-    except OSError as error:
-        raise ValueError(f"--json {json_path} cannot be written ({error.strerror or error}): "
-                         "choose another path") from None
-    return target
-
-
-def refuse_to_replace(json_path: str) -> None:
-    """Refuse an existing --json that the results must not replace: a device, pipe or socket
-    (/dev/null, /dev/stdout) or a gen checkpoint."""
-    path = Path(json_path)
-    try:
-        checkpoint.replace_target(path)
-    except OSError as error:
-        raise ValueError(f"--json: {error}, e.g. bench.json") from None
-    if checkpoint.is_checkpoint(path):  # a training state: never overwritten, as gen sample refuses too
-        raise ValueError(f"--json {json_path} is a gen checkpoint, which the results would replace: "
-                         "give another file name, e.g. bench.json")

@@ -1,10 +1,13 @@
-"""What a run reports: the rich table and each mode's samples/s relative to the peer (the
-JSON is made strict by gen.checkpoint.json_safe, which the run log uses too)."""
+"""What a run reports: the rich table, each mode's samples/s relative to the peer, and the
+checks on the --json file it is written to (the JSON is made strict by
+gen.checkpoint.json_safe, which the run log uses too)."""
 
 import os
 import sys
+import tempfile
+from pathlib import Path
 
-from gen import mkl_amd
+from gen import checkpoint, mkl_amd
 
 
 def speedups(results: list[dict], reference: str = "module") -> dict[tuple, float]:
@@ -56,3 +59,41 @@ def print_table(results: list[dict], machine_info: dict | None = None) -> None:
         kind = "CUDA max allocated" if results[0]["device"] == "cuda" else "process max RSS so far (CPU)"
         peaks = [r["peak_gflops"] for r in results if r.get("peak_gflops") is not None]  # none in rows never run
         console.print(f"peak MB: {kind}" + (f"; float32 matmul peak {peaks[0]:.1f} GFLOP/s" if peaks else ""))
+
+
+def json_target(json_path: str) -> Path:
+    """The file --json names, checked before the run: a new or regular file that is not a gen
+    checkpoint, in a directory that takes new files. A symbolic link is followed: the file it
+    points at is replaced and the link kept."""
+    if not json_path:
+        raise ValueError("--json needs a file name, e.g. --json bench.json")
+    given = Path(json_path)
+    refuse_to_replace(json_path)
+    try:
+        target = given.resolve()
+    except (OSError, RuntimeError) as error:  # a loop of symbolic links
+        raise ValueError(f"--json {json_path} cannot be followed ({error}): choose another path") from None
+    if not target.parent.is_dir():
+        if target.parent.exists():
+            raise ValueError(f"--json: {target.parent} is not a directory: write into a directory")
+        raise ValueError(f"--json: the directory {target.parent} does not exist: create it or write elsewhere")
+    try:  # the results are written beside it, then renamed over it: the directory must take a new file
+        with tempfile.TemporaryFile(dir=target.parent):
+            pass
+    except OSError as error:
+        raise ValueError(f"--json {json_path} cannot be written ({error.strerror or error}): "
+                         "choose another path") from None
+    return target
+
+
+def refuse_to_replace(json_path: str) -> None:
+    """Refuse an existing --json that the results must not replace: a device, pipe or socket
+    (/dev/null, /dev/stdout) or a gen checkpoint."""
+    path = Path(json_path)
+    try:
+        checkpoint.replace_target(path)
+    except OSError as error:
+        raise ValueError(f"--json: {error}, e.g. bench.json") from None
+    if checkpoint.is_checkpoint(path):  # a training state: never overwritten, as gen sample refuses too
+        raise ValueError(f"--json {json_path} is a gen checkpoint, which the results would replace: "
+                         "give another file name, e.g. bench.json")
