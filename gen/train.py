@@ -136,12 +136,16 @@ def train(config: Config, out: str | Path, resume: bool = False, show_progress: 
     graphs_before = _graph_count()
     train_data = dataset.train.to(device)
 
+    saved_step = start_step if resume else None  # the step the checkpoint on disk holds
+
     def save(step: int) -> None:
+        nonlocal saved_step
         # A diverged state (NaN or infinite anywhere) is never saved: it would replace the last good
         # checkpoint with one that can only produce NaN samples.
         if not all(torch.isfinite(t).all() for t in leaves(state)):
             diverged(step, "the model's state")
         checkpoint.save(checkpoint_path, state, {**metadata, "step": step, "epoch": step / steps_per_epoch})
+        saved_step = step
 
     def diverged(step: int, what: str) -> None:
         kept = (f"the checkpoint of step {checkpoint.read_metadata(checkpoint_path)['step']} is kept"
@@ -204,6 +208,7 @@ def train(config: Config, out: str | Path, resume: bool = False, show_progress: 
                                                          **results}, history)
                     save(done)
                     interval_start = time.perf_counter()  # evaluation is not training time
+            interrupt.raise_if_requested()  # a Ctrl-C held through the last step stops the run too
     except KeyboardInterrupt:
         if not state_is_whole:  # a second Ctrl-C inside a step: the state is half-written, keep the disk's
             if not checkpoint_path.exists():
@@ -211,7 +216,12 @@ def train(config: Config, out: str | Path, resume: bool = False, show_progress: 
                                         f"checkpoint: nothing to resume; remove {out} and start again") from None
             raise KeyboardInterrupt(f"interrupted inside step {steps_done + 1}; the last checkpoint in {out} is "
                                     "kept: continue with --resume") from None
-        save(steps_done)
+        if saved_step != steps_done:
+            save(steps_done)
+        if steps_done == total_steps:  # nothing is left to resume, only the run's closing files
+            raise KeyboardInterrupt(f"interrupted after the run's last step, {steps_done}; its checkpoint is saved "
+                                    f"in {out} but samples.png, loss.png and summary.json are not: draw "
+                                    f"samples with `gen sample {out}`")
         raise KeyboardInterrupt(f"interrupted at step {steps_done}; checkpoint saved in {out}: "
                                 "continue with --resume")
     finally:

@@ -160,6 +160,21 @@ def test_ctrl_c_inside_a_step_takes_effect_after_it(tmp_path, monkeypatch):
         assert torch.equal(tensor, interrupted["params"][name]), name
 
 
+def test_ctrl_c_inside_the_last_step_stops_the_run_too(tmp_path, monkeypatch):
+    """A Ctrl-C held through the run's last step is acted on after it: the last step's checkpoint
+    is kept, written once, and the command ends as interrupted instead of going on to finish."""
+    saves = []
+    save = checkpoint.save
+    monkeypatch.setattr(training.checkpoint, "save", lambda *args: saves.append(args[2]["step"]) or save(*args))
+    signalling_step(monkeypatch, at_call=5, signals=1)
+    with pytest.raises(KeyboardInterrupt, match=r"interrupted after the run's last step, 5; its checkpoint is "
+                                                r"saved in .* draw samples with `gen sample "):
+        training.train(Config(model="vae", steps=5, compile=False), tmp_path, show_progress=False)
+    assert saves == [5]  # written once, not again on the way out
+    assert checkpoint.read_metadata(tmp_path / training.CHECKPOINT)["step"] == 5
+    assert not (tmp_path / "summary.json").exists()
+
+
 def test_second_ctrl_c_inside_a_step_stops_at_once_and_writes_no_checkpoint(tmp_path, monkeypatch):
     signalling_step(monkeypatch, at_call=5, signals=2)
     with pytest.raises(KeyboardInterrupt, match="interrupted inside step 5, before the run's first checkpoint: "
