@@ -23,7 +23,10 @@ def mode_coverage(samples: Tensor, modes: Tensor, std: float, n_stds: float = 3.
                   min_per_mode: float = 20.0, per_samples: int = 2500) -> dict[str, float]:
     """Modes captured, high-quality percentage and reverse KL of 2D samples (N, 2) against modes (M, 2)."""
     samples, modes = samples.detach().float().cpu(), modes.float().cpu()
-    distances = torch.cdist(samples, modes)                       # (N, M)
+    # ‖x - μ‖ from the differences themselves: cdist's default, above 25 rows, takes the root of
+    # ‖x‖² + ‖μ‖² - 2x·μ, whose float32 cancellation moves samples near the 3σ circle across it
+    # and makes a sample's quality depend on how many samples are judged with it.
+    distances = torch.cdist(samples, modes, compute_mode="donot_use_mm_for_euclid_dist")  # (N, M)
     nearest_distance, nearest = distances.min(dim=1)              # (N,), (N,)
     high_quality = nearest_distance < n_stds * std                # within 3σ of the nearest mode
     counts = torch.bincount(nearest[high_quality], minlength=len(modes)).float()  # (M,)

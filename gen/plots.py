@@ -1,31 +1,39 @@
-"""Pictures of a run: sample grids, 2D scatter plots and loss curves (matplotlib, Agg backend)."""
+"""Pictures of a run: sample grids, 2D scatter plots and loss curves, written as PNG files.
+
+Figures are built with matplotlib's object API (`Figure`, saved through the Agg renderer its
+`savefig` picks for .png), never pyplot: pyplot keeps every figure in a global registry until it is
+closed (a save that raises would leak one per call in a long run), and selecting a backend here
+would switch the backend of whatever process imports gen (a notebook's, say). No display is needed.
+"""
 
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from einops import rearrange  # noqa: E402
-from torch import Tensor  # noqa: E402
+import matplotlib.image
+import torch
+from einops import rearrange
+from matplotlib.figure import Figure
+from torch import Tensor
 
 
 def image_grid(images: Tensor, path: str | Path, columns: int | None = None, scale: int = 1) -> None:
-    """Tile (N, C, H, W) images in [0, 1] into one PNG, a 1-pixel white border between them."""
+    """Tile (N, C, H, W) images in [0, 1] (C = 1: grey, 3: RGB) into one PNG, row by row, with a white
+    line `scale` pixels wide between neighbours (none around the outside); values outside [0, 1] are
+    clamped. Each pixel becomes a `scale` x `scale` block."""
     images = images.detach().float().cpu().clamp(0, 1)
     n, channels, height, width = images.shape
     columns = columns or math.ceil(math.sqrt(n))
     rows = math.ceil(n / columns)
+    # Each tile carries its white line below and to its right; the last row's and column's are cut
+    # off, so a grid is rows·(H + 1) - 1 by columns·(W + 1) - 1 pixels (before scaling).
     padded = torch.ones(rows * columns, channels, height + 1, width + 1)
     padded[:n, :, :height, :width] = images
-    grid = rearrange(padded, "(r c) ch h w -> (r h) (c w) ch", r=rows, c=columns)
+    grid = rearrange(padded, "(r c) ch h w -> (r h) (c w) ch", r=rows, c=columns)[:-1, :-1]
     grid = grid.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
     if channels == 1:
-        plt.imsave(path, grid[..., 0].numpy(), cmap="gray", vmin=0, vmax=1)
+        matplotlib.image.imsave(path, grid[..., 0].numpy(), cmap="gray", vmin=0, vmax=1)
     else:
-        plt.imsave(path, grid.numpy())
+        matplotlib.image.imsave(path, grid.numpy())
 
 
 def upscale_for_viewing(height: int) -> int:
@@ -35,7 +43,8 @@ def upscale_for_viewing(height: int) -> int:
 
 def scatter(points: Tensor, path: str | Path, reference: Tensor | None = None, title: str = "") -> None:
     """Generated 2D points (blue) over a sample of the real distribution (grey)."""
-    figure, axes = plt.subplots(figsize=(5, 5))
+    figure = Figure(figsize=(5, 5))
+    axes = figure.subplots()
     if reference is not None:
         reference = reference.detach().cpu()
         axes.scatter(reference[:, 0], reference[:, 1], s=2, c="0.75", label="data")
@@ -46,21 +55,30 @@ def scatter(points: Tensor, path: str | Path, reference: Tensor | None = None, t
     axes.set_title(title)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 def loss_curves(history: list[dict], path: str | Path, title: str = "") -> None:
     """Every numeric metric logged per step (not rates or positions) against the step."""
     skip = {"step", "epoch", "samples_per_s", "elapsed_s"}
     names = [k for k in history[-1] if k not in skip and isinstance(history[-1][k], (int, float))] if history else []
-    figure, axes = plt.subplots(figsize=(6, 4))
+    figure = Figure(figsize=(6, 4))
+    axes = figure.subplots()
     for name in names:
-        steps = [row["step"] for row in history if name in row]
-        axes.plot(steps, [row[name] for row in history if name in row], label=name)
+        rows = [row for row in history if name in row]
+        steps = [row["step"] for row in rows]
+        values = [float(row[name]) if isinstance(row[name], (int, float)) else math.nan for row in rows]
+        (line,) = axes.plot(steps, values, label=name)
+        # A line is drawn between consecutive finite values only: a value with no finite neighbour
+        # (a run's single logged row, or one between NaNs) would not show; mark those with a dot.
+        finite = [math.isfinite(value) for value in values]
+        alone = [i for i, ok in enumerate(finite)
+                 if ok and not (i > 0 and finite[i - 1]) and not (i + 1 < len(finite) and finite[i + 1])]
+        if alone:
+            axes.plot([steps[i] for i in alone], [values[i] for i in alone], linestyle="none", marker="o",
+                      markersize=4, color=line.get_color())
     axes.set_xlabel("step")
     axes.set_title(title)
     if names:
         axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)

@@ -61,3 +61,24 @@ def test_no_high_quality_sample_leaves_the_reverse_kl_out():
     assert coverage == {"modes_captured": 0, "n_modes": 2, "high_quality_pct": 0.0}
     json.loads(json.dumps(coverage, allow_nan=False))
 
+
+
+def test_a_sample_is_judged_the_same_alone_and_among_others():
+    """‖x - μ‖ < 3σ is a property of the sample: it must not change with how many samples are judged
+    together. cdist's default switches to ‖x‖² + ‖μ‖² - 2x·μ (a matmul, float32 cancellation)
+    above 25 rows, which moves samples this close to the 3σ circle across it."""
+    modes, std = mixture_modes("grid25")
+    x = torch.tensor([[-3.980921745300293, 0.1487802267074585]])  # 0.1499985 from (-4, 0): inside 3σ = 0.15
+    assert modes[2].tolist() == [-4.0, 0.0] and (x.double() - modes[2].double()).norm() < 3 * std
+    assert mode_coverage(x, modes, std)["high_quality_pct"] == 100.0
+    crowd = torch.cat([x, modes.repeat(100, 1)])  # 2,501 samples, all of high quality
+    assert mode_coverage(crowd, modes, std)["high_quality_pct"] == 100.0
+
+
+def test_non_finite_samples_are_of_low_quality():
+    modes, std = mixture_modes("ring8")
+    samples = torch.cat([modes.repeat(10, 1), torch.tensor([[math.nan, 0.0], [math.inf, 1.0], [-math.inf, math.nan]])])
+    result = mode_coverage(samples, modes, std, per_samples=83)  # 83 samples: 20 needed per mode
+    assert result["high_quality_pct"] == pytest.approx(100 * 80 / 83)
+    assert result["modes_captured"] == 0  # 10 per mode
+    assert result["reverse_kl"] == pytest.approx(0.0, abs=1e-6)
