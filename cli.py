@@ -259,7 +259,12 @@ def write_samples(source: Path, n: int, out: Path, seed: int, device: str) -> No
         raise ValueError(f"not enough memory to build the model of {path}: sample it on a bigger machine") from None
     state = checkpoint.conform(path, loaded, template)
     too_many = f"not enough memory for {n:,} samples at once: ask for fewer with --n"
-    if n * math.prod(shape) * 4 > physical_memory_bytes():  # float32 samples alone would not fit
+    needed = n * math.prod(shape) * 4  # the float32 samples
+    if out.suffix == ".png" and kind == "image":  # and their grid, enlarged 8x for 8x8 digits
+        needed += plots.image_grid_bytes(n, *shape, scale=plots.upscale_for_viewing(max(shape[-2:])))
+        too_many = (f"not enough memory for a picture of {n:,} samples: ask for fewer with --n, or write "
+                    "them to FILE.safetensors")
+    if needed > physical_memory_bytes():
         raise ValueError(too_many)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -272,7 +277,7 @@ def write_samples(source: Path, n: int, out: Path, seed: int, device: str) -> No
                 save_file({"samples": samples.contiguous()}, temporary,
                           metadata={"model": metadata["model"], "step": str(metadata["step"])})
             elif kind == "image":
-                plots.image_grid(samples, temporary, scale=plots.upscale_for_viewing(shape[-1]))
+                plots.image_grid(samples, temporary, scale=plots.upscale_for_viewing(max(shape[-2:])))
             else:
                 reference = data.load(config.data, config.data_dir, config.seed).test[:n]
                 plots.scatter(samples, temporary, reference=reference,

@@ -4,23 +4,24 @@ Figures are built with matplotlib's object API (`Figure`, saved through the Agg 
 `savefig` picks for .png), never pyplot: pyplot keeps every figure in a global registry until it is
 closed (a save that raises would leak one per call in a long run), and selecting a backend here
 would switch the backend of whatever process imports gen (a notebook's, say). No display is needed.
+Sample grids are pixels, not plots: Pillow (which matplotlib brings) writes them, 8 bits a channel.
 """
 
 import math
 from pathlib import Path
 
-import matplotlib.image
 import torch
 from einops import rearrange
 from matplotlib.figure import Figure
+from PIL import Image
 from torch import Tensor
 
 
 def image_grid(images: Tensor, path: str | Path, columns: int | None = None, scale: int = 1) -> None:
     """Tile (N, C, H, W) images in [0, 1] (C = 1: grey, 3: RGB) into one PNG, row by row, with a white
     line `scale` pixels wide between neighbours (none around the outside); values outside [0, 1] are
-    clamped. Each pixel becomes a `scale` x `scale` block."""
-    images = images.detach().float().cpu().clamp(0, 1)
+    clamped, NaN is black. Each pixel becomes a `scale` x `scale` block."""
+    images = torch.nan_to_num(images.detach().float().cpu(), nan=0.0).clamp(0, 1)
     n, channels, height, width = images.shape
     columns = columns or math.ceil(math.sqrt(n))
     rows = math.ceil(n / columns)
@@ -29,16 +30,28 @@ def image_grid(images: Tensor, path: str | Path, columns: int | None = None, sca
     padded = torch.ones(rows * columns, channels, height + 1, width + 1)
     padded[:n, :, :height, :width] = images
     grid = rearrange(padded, "(r c) ch h w -> (r h) (c w) ch", r=rows, c=columns)[:-1, :-1]
-    grid = grid.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
-    if channels == 1:
-        matplotlib.image.imsave(path, grid[..., 0].numpy(), cmap="gray", vmin=0, vmax=1)
-    else:
-        matplotlib.image.imsave(path, grid.numpy())
+    # Eight bits a channel before enlarging: the enlarged grid is the largest thing made here.
+    pixels = grid.mul(255).round_().to(torch.uint8).numpy()
+    picture = Image.fromarray(pixels[..., 0] if channels == 1 else pixels)  # mode "L" or "RGB"
+    if scale > 1:
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
+    picture.save(path, format="PNG")
 
 
-def upscale_for_viewing(height: int) -> int:
-    """Small images (8x8 digits) are enlarged so a grid is readable."""
-    return max(1, 64 // height)
+def image_grid_bytes(n: int, channels: int, height: int, width: int, scale: int = 1) -> int:
+    """An upper bound on the memory `image_grid` takes for n images of (channels, height, width):
+    the padded float32 tiles and their copies in four bytes a value, and the 8-bit grid, enlarged,
+    held twice (the picture and the PNG encoder's rows) in one byte a value."""
+    columns = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    tiles = rows * columns * channels * (height + 1) * (width + 1)
+    return 3 * 4 * tiles + 2 * tiles * scale * scale
+
+
+def upscale_for_viewing(side: int) -> int:
+    """Small images (8x8 digits) are enlarged so a grid is readable: `side`, the longer of an
+    image's height and width, becomes about 64 pixels."""
+    return max(1, 64 // side)
 
 
 def scatter(points: Tensor, path: str | Path, reference: Tensor | None = None, title: str = "") -> None:

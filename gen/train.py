@@ -298,7 +298,7 @@ def _save_samples(family, state, config: Config, dataset: data.Dataset, path: Pa
     generator = rng.generator(config.seed, "samples")
     if dataset.kind == "image":
         images = family.generate(state, config, dataset.shape, 64, generator)
-        plots.image_grid(images, path, scale=plots.upscale_for_viewing(dataset.shape[-1]))
+        plots.image_grid(images, path, scale=plots.upscale_for_viewing(max(dataset.shape[-2:])))
     else:
         points = family.generate(state, config, dataset.shape, config.eval_samples, generator)
         plots.scatter(points, path, reference=dataset.test[:config.eval_samples],

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -329,7 +330,7 @@ def test_an_allocator_out_of_memory_while_sampling_is_one_line(run, tmp_path, mo
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
     monkeypatch.setattr(models, "get", lambda name: vae._replace(generate=exhausted))
     assert cli.physical_memory_bytes() > 64 * 64 * 4
-    assert_one_line_error(gen("sample", run, "--out", tmp_path / "x.png"), "not enough memory for 64 samples")
+    assert_one_line_error(gen("sample", run, "--out", tmp_path / "x.png"), "not enough memory for a picture of 64 ")
     assert not list(tmp_path.iterdir())
 
     def half_written(samples, path, **kwargs):  # the picture's writer runs out halfway
@@ -337,8 +338,27 @@ def test_an_allocator_out_of_memory_while_sampling_is_one_line(run, tmp_path, mo
         raise MemoryError
     monkeypatch.setattr(models, "get", lambda name: vae)
     monkeypatch.setattr(plots, "image_grid", half_written)
-    assert_one_line_error(gen("sample", run, "--out", tmp_path / "x.png"), "not enough memory for 64 samples")
+    assert_one_line_error(gen("sample", run, "--out", tmp_path / "x.png"), "not enough memory for a picture of 64 ")
     assert not list(tmp_path.iterdir())  # no temporary file left behind
+
+
+def test_a_picture_too_big_for_memory_is_refused_before_sampling(run, tmp_path, monkeypatch):
+    """A PNG grid of 8x8 digits is enlarged 8x: 4,000 samples take 1 MB as floats but about 40 MB
+    as a picture. With 10 MB of memory the picture is refused before any sampling work, in one
+    line that offers the raw samples instead, and those are written."""
+    import cli
+    from gen import models, plots
+    assert plots.image_grid_bytes(4000, 1, 8, 8, scale=8) > 10e6 > 4000 * 64 * 4
+    monkeypatch.setattr(cli, "physical_memory_bytes", lambda: 10e6)
+    vae = models.get("vae")
+    monkeypatch.setattr(models, "get", lambda name: vae._replace(generate=lambda *args: pytest.fail("sampled")))
+    assert_one_line_error(gen("sample", run, "--n", 4000, "--out", tmp_path / "x.png"),
+                          "not enough memory for a picture of 4,000 samples: ask for fewer with --n, or write "
+                          "them to FILE.safetensors")
+    assert not list(tmp_path.iterdir())
+    monkeypatch.setattr(models, "get", lambda name: vae)
+    assert gen("sample", run, "--n", 4000, "--out", tmp_path / "x.safetensors").exit_code == 0
+    assert (tmp_path / "x.safetensors").exists()
 
 
 def test_a_model_too_big_for_memory_is_one_line(tmp_path, monkeypatch):
@@ -503,6 +523,10 @@ def test_convolutional_models_train_and_sample_non_square_images(tmp_path, model
     assert result.exit_code == 0, result.output
     assert gen("sample", out, "--n", 3, "--out", tmp_path / "samples.safetensors").exit_code == 0
     assert load_file(tmp_path / "samples.safetensors")["samples"].shape == (3, 1, 12, 8)
+    # Grids enlarge by the longer side (64 // 12 = 5): 8x8 tiles of 13x9 less the outer line, and 2x2.
+    assert Image.open(out / "samples.png").size == ((8 * 9 - 1) * 5, (8 * 13 - 1) * 5)
+    assert gen("sample", out, "--n", 3, "--out", tmp_path / "samples.png").exit_code == 0
+    assert Image.open(tmp_path / "samples.png").size == ((2 * 9 - 1) * 5, (2 * 13 - 1) * 5)
 
 
 def test_iwae_and_conv_vae_train_from_the_cli(tmp_path):

@@ -52,11 +52,27 @@ def test_image_grid_of_one_grey_image_is_that_image_scaled_and_clamped(tmp_path)
     assert row[0] == 0 and row[1] == 0 and abs(row[2] - 128) <= 1 and row[3] == 255 and row[4] == 255
 
 
+def test_image_grid_draws_nan_pixels_black(tmp_path):
+    plots.image_grid(torch.tensor([[[[math.nan, 1.0]]]]), tmp_path / "nan.png")
+    assert read_rgb(tmp_path / "nan.png")[0].tolist() == [[0, 0, 0], [255, 255, 255]]
+
+
 def test_image_grid_respects_columns(tmp_path):
     plots.image_grid(torch.zeros(3, 1, 2, 2), tmp_path / "row.png", columns=4)
     grid = read_rgb(tmp_path / "row.png")
     assert grid.shape == (2, 4 * 3 - 1, 3)
     assert (grid[:, 9:] == 255).all() and (grid[:, :8:3] == 0).all()
+
+
+def test_image_grid_bytes_bounds_what_a_grid_takes(tmp_path):
+    """The estimate `gen sample` checks a picture against is an upper bound: the largest block image_grid allocates
+    (the enlarged picture, 1 byte a channel) is within it, for grey and RGB, square or not."""
+    for n, channels, height, width, scale in ((1, 1, 8, 8, 8), (4000, 1, 8, 8, 8), (50, 3, 12, 8, 5), (7, 3, 28, 28, 2)):
+        columns = math.ceil(math.sqrt(n))
+        rows = math.ceil(n / columns)
+        picture = (rows * (height + 1) - 1) * scale * (columns * (width + 1) - 1) * scale * channels
+        floats = rows * columns * channels * (height + 1) * (width + 1) * 4
+        assert picture + floats <= plots.image_grid_bytes(n, channels, height, width, scale) <= 3 * (picture + floats)
 
 
 def blue_pixels(path, box) -> int:
