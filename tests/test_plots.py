@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
@@ -158,3 +159,15 @@ def test_importing_and_drawing_leaves_the_process_backend_alone(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "svg"
     assert all(Image.open(tmp_path / name).format == "PNG" for name in ("g.png", "s.png", "l.png"))
+
+
+def test_the_scatter_legend_lies_outside_the_axes(tmp_path, monkeypatch):
+    """grid25's corner modes sat under a legend drawn inside the axes; it goes below them."""
+    drawn, save = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda figure, *args, **kwargs: drawn.append(figure) or
+                        save(figure, *args, **kwargs))
+    corners = torch.tensor([[4.0, 4.0], [-4.0, 4.0], [4.0, -4.0], [-4.0, -4.0]])
+    plots.scatter(corners, tmp_path / "scatter.png", reference=corners, title="grid25")
+    renderer = FigureCanvasAgg(drawn[0]).get_renderer()
+    axes = drawn[0].axes[0]
+    assert axes.get_legend().get_window_extent(renderer).y1 <= axes.get_window_extent(renderer).y0
