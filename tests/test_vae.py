@@ -147,3 +147,50 @@ def test_noise_shapes_follow_k():
     g = torch.Generator().manual_seed(0)
     assert vae.make_noise(config_for("vae"), (1, 8, 8), 7, g)["eps"].shape == (7, 20)
     assert vae.make_noise(config_for("vae", iwae_k=3), (1, 8, 8), 7, g)["eps"].shape == (3, 7, 20)
+
+
+@pytest.mark.parametrize("log_variance", [-30.0, -100.0])
+def test_iwae_log_weight_is_exact_for_tiny_posterior_variances(log_variance):
+    # z = μ + σε, so log q(z|x) = log N(ε; 0, I) - ½ Σ log σ². Written with (z - μ)² / σ² instead,
+    # float32 rounds z - μ to 0 once σ ≪ ulp(μ) (the log-weight lost ½ Σ ε²), and exp(-log σ²)
+    # overflows below log σ² ≈ -88 (0 · inf: NaN), while the ELBO of the same encoder stays finite.
+    g = torch.Generator().manual_seed(0)
+    mean, eps = torch.randn(3, 4, generator=g), torch.randn(1, 3, 4, generator=g)
+    weight = torch.randn(4, 6, generator=g)
+    log_var = torch.full((3, 4), log_variance)
+    x = torch.rand(3, 6, generator=g).round()
+    encode, decode = (lambda p, x: (mean, log_var)), (lambda p, z: z @ weight)
+    loss = vae.negative_iwae_bound(encode, decode, {}, x, eps)["loss"]
+    # Reference in float64, log q from ε directly.
+    z = mean.double() + torch.exp(0.5 * log_var.double()) * eps[0].double()
+    log_q = Normal(0.0, 1.0).log_prob(eps[0].double()).sum(-1) - 0.5 * log_var.double().sum(-1)
+    log_weight = (Bernoulli(logits=z @ weight.double()).log_prob(x.double()).sum(-1)
+                  + Normal(0.0, 1.0).log_prob(z).sum(-1) - log_q)
+    torch.testing.assert_close(loss.double(), -log_weight, rtol=1e-5, atol=1e-4)
+
+
+def test_losses_keep_float32_accuracy_under_bf16_autocast():
+    # `--precision bf16` runs the step under autocast: the encoder's and decoder's outputs come out
+    # bfloat16. The losses built on them must still be computed in float32 (CPU autocast leaves exp
+    # and sum in bf16, and inside vmap BCE-with-logits decomposes into bf16 elementwise ops), else
+    # the KL rounds to bf16's 3 digits and IWAE's log-weights are off by tenths of a nat.
+    g = torch.Generator().manual_seed(0)
+    mean, log_var = (3 * torch.randn(4, 20, generator=g)).bfloat16(), torch.randn(4, 20, generator=g).bfloat16()
+    x, eps = torch.rand(4, 800, generator=g).round(), torch.randn(3, 4, 20, generator=g)
+    logits = (4 * torch.randn(4, 800, generator=g)).bfloat16()
+    encode = lambda p, x: (mean, log_var)                                         # noqa: E731
+    # bf16 logits that are batched under vmap (+ 0·z, exact) and do not hinge on how z rounds.
+    decode = lambda p, z: logits + (0 * z).tile(40).to(torch.bfloat16)            # noqa: E731
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        elbo = vae.negative_elbo(encode, decode, {}, x, eps[0])
+        iwae = vae.negative_iwae_bound(encode, decode, {}, x, eps)["loss"]
+    # Float64 references on the same bfloat16 values.
+    m, lv, x64 = mean.double(), log_var.double(), x.double()
+    q = Normal(m, torch.exp(0.5 * lv))
+    kl = kl_divergence(q, Normal(torch.zeros_like(m), torch.ones_like(m))).sum(-1)
+    zs = m + torch.exp(0.5 * lv) * eps.double()                                     # (k, B, 20)
+    log_weights = (Bernoulli(logits=logits.double()).log_prob(x64).sum(-1)
+                   + Normal(0.0, 1.0).log_prob(zs).sum(-1) - q.log_prob(zs).sum(-1))
+    expected_iwae = -(torch.logsumexp(log_weights, 0) - math.log(3))
+    torch.testing.assert_close(elbo["kl"].double(), kl, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(iwae.double(), expected_iwae, rtol=1e-5, atol=1e-3)
