@@ -206,6 +206,8 @@ def spectral_normalize(weight: Tensor, state: Params, n_power_iterations: int = 
     training) suffices. The vectors are treated as constants (no gradient flows
     through u, v), as in the paper and torch.nn.utils.spectral_norm.
     """
+    if n_power_iterations < 1:  # v exists only as an iteration's product
+        raise ValueError(f"spectral_normalize needs at least one power iteration, got {n_power_iterations}")
     matrix = weight.flatten(1)                                          # (out, in·k·k)
     u = state["u"]
     # Outside any autocast (`--precision bf16`): u is state that must keep its dtype in the

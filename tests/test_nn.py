@@ -194,6 +194,8 @@ def test_spectral_normalize_converges_to_largest_singular_value():
     sigma = torch.linalg.matrix_norm(weight, ord=2)
     torch.testing.assert_close(weight / normalized, torch.full_like(weight, sigma.item()), rtol=1e-4, atol=1e-4)
     assert abs(torch.linalg.matrix_norm(normalized, ord=2).item() - 1) < 1e-4
+    with pytest.raises(ValueError, match="needs at least one power iteration, got 0"):
+        nn.spectral_normalize(weight, state, n_power_iterations=0)  # was an UnboundLocalError
 
 
 def test_spectral_normalize_trains_like_torch_spectral_norm():
