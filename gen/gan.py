@@ -75,7 +75,7 @@ LOSSES = {  # name -> (discriminator loss, generator loss)
 
 
 def gradient_penalty(critic, real: Tensor, fake: Tensor, epsilon: Tensor) -> Tensor:
-    """(‖∇_x̂ f(x̂)‖₂ - 1)², x̂ = ε x + (1 - ε) G(z), ε ~ U[0, 1]  (Gulrajani et al. 2017, Algorithm 1, line 8).
+    """(‖∇_x̂ f(x̂)‖₂ - 1)², x̂ = ε x + (1 - ε) G(z), ε ~ U[0, 1]  (Gulrajani et al. 2017, Alg. 1, lines 6-7).
 
     `critic(x) -> scores (B,)`, each example scored on its own (WGAN-GP's critic
     has neither batch norm nor packing; networks_init refuses both), so the
@@ -272,7 +272,14 @@ def make_step(config: Config, shape: tuple):
         return loss.mean(), (metrics, d_state)
 
     def fake_objective(fake, d_params, d_state):
-        """G's loss as a function of its samples, under the updated D."""
+        """G's loss as a function of its samples, under the updated D.
+
+        D runs in training mode, as pytorch/examples' DCGAN runs netD(fake) in G's update: its batch
+        norm normalises the fake batch by that batch's own statistics (the gradient G gets), and its
+        state advances, on purpose: the running statistics take this fake batch in and spectral norm's
+        u gets one more power iteration, after the real and the fake batch of each D update (with
+        n_critic = 1, three advances a step). D's running statistics are never read (only G is run
+        for sampling); D's params do not move."""
         fake_logits, d_state = apply_discriminator(d_params, d_state, fake, True)
         loss = generator_loss(fake_logits).mean()
         return loss, ({"g_loss": loss}, d_state)

@@ -357,6 +357,40 @@ def test_reused_fake_gives_the_generator_update_of_a_fresh_forward(model, shape,
         assert torch.allclose(reused_metrics[name], value, atol=1e-6), name
 
 
+@pytest.mark.parametrize("model", ["dcgan", "sngan"])
+def test_generator_update_advances_discriminator_state_but_not_its_params(model):
+    # Deliberate (gen/gan.py, fake_objective): D's batch-norm statistics and spectral-norm u take in
+    # the real batch, the fake batch, then the same fake batch once more in G's update, under the
+    # updated D; D's params are moved by D's update only. Rebuilt here from the networks run by hand.
+    config = family_config(model, batch_size=4, latent_dim=3, optimizer="sgd", momentum=0.0, lr=0.1)
+    shape = (3, 12, 8)  # RGB and not square
+    state, inputs = gan.init(config, shape, 0), noise(config, shape, 4)
+    batch = torch.rand(4, *shape, generator=torch.Generator().manual_seed(1))
+    new, _ = gan.make_step(config, shape)(state, batch, inputs)
+    g_params, d_params = take(state["params"], "generator"), take(state["params"], "discriminator")
+    g_state, d_state = take(state["model_state"], "generator"), take(state["model_state"], "discriminator")
+    fake, _ = dcgan.generator(g_params, g_state, inputs["z_discriminator"][0], shape, True)
+    _, d_state = dcgan.discriminator(d_params, d_state, batch * 2 - 1, True)
+    _, d_state = dcgan.discriminator(d_params, d_state, fake, True)
+    after_d_update = d_state
+
+    def d_loss(p):
+        real_logits, s = dcgan.discriminator(p, take(state["model_state"], "discriminator"), batch * 2 - 1, True)
+        return gan.LOSSES[config.gan_loss][0](real_logits, dcgan.discriminator(p, s, fake, True)[0]).mean()
+
+    d_grads = torch.func.grad(d_loss)(d_params)
+    new_d_params = take(new["params"], "discriminator")
+    for name, value in d_params.items():  # SGD: θ − lr·∇_θ L_D, and nothing from G's update
+        assert torch.allclose(new_d_params[name], value - 0.1 * d_grads[name], atol=1e-6), name
+    _, d_state = dcgan.discriminator(new_d_params, d_state, fake, True)
+    new_d_state = take(new["model_state"], "discriminator")
+    assert list(new_d_state) == list(d_state)
+    for name, value in d_state.items():
+        assert torch.allclose(new_d_state[name], value, atol=1e-6), name
+        if value.numel() > 1:  # (the output layer's u has one entry: ±1 whatever the iteration)
+            assert not torch.allclose(new_d_state[name], after_d_update[name], atol=1e-6), name
+
+
 @pytest.fixture
 def one_thread():
     # One thread: the settings below were checked at one thread, and matmul sums can round
