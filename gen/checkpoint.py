@@ -129,7 +129,17 @@ def load(path: str | Path, model: str | None = None) -> tuple[Tree, dict]:
     if model is not None and metadata.get("model") != model:
         raise CheckpointError(f"{path} holds a '{metadata.get('model')}' model, not '{model}': "
                               "use a checkpoint of the same model or another --out folder")
-    return unflatten(tensors), metadata
+    try:
+        state = unflatten(tensors)
+    except ValueError as error:
+        raise CheckpointError(f"{path} is damaged: its tensor names do not form a state ({error}); "
+                              "use another checkpoint") from None
+    # gen never saves a NaN or infinite state (gen/train.py), so one here was written by something else.
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{path} is damaged: '{name}' holds NaN or infinite values, which gen never "
+                                  "saves; use another checkpoint")
+    return state, metadata
 
 
 def conform(path: str | Path, state: Tree, template: Tree) -> Tree:
@@ -155,6 +165,11 @@ def _open(path: Path, read_tensors: bool = False) -> tuple[dict, dict]:
         raise CheckpointError(f"checkpoint {path} does not exist: check the path or train a model first")
     if not path.is_file():
         raise CheckpointError(f"{path} is not a file: pass a checkpoint file or a run folder")
+    try:  # safetensors reports an unreadable file as "No such file or directory"
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise CheckpointError(f"cannot read {path} ({error.strerror}): check its permissions") from None
     try:
         tensors = load_file(path) if read_tensors else {}
         with safe_open(path, framework="pt") as handle:
@@ -171,7 +186,8 @@ def _open(path: Path, read_tensors: bool = False) -> tuple[dict, dict]:
                               f"{FORMAT_VERSION}: use a matching gen version")
     try:
         metadata = json.loads(header["gen"])
-    except (KeyError, json.JSONDecodeError):
+    # ValueError: not JSON, or an integer past Python's 4,300 digits; RecursionError: nested too deep
+    except (KeyError, ValueError, RecursionError):
         raise CheckpointError(f"{path} has damaged metadata: use another checkpoint") from None
     problem = _metadata_problem(metadata)
     if problem:

@@ -39,13 +39,18 @@ def flatten(tree: Tree, separator: str = "/") -> dict[str, Tensor]:
 
 
 def unflatten(flat: dict[str, Tensor], separator: str = "/") -> Tree:
-    """{"a/b.c": t} -> {"a": {"b.c": t}}."""
+    """{"a/b.c": t} -> {"a": {"b.c": t}}. A ValueError where one name is both a tensor and a
+    folder of others ({"a": t, "a/b": u}): no tree flattens to that."""
     tree: Tree = {}
     for key, value in flat.items():
         *parents, leaf = key.split(separator)
         node = tree
         for parent in parents:
             node = node.setdefault(parent, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"'{key}' lies under '{parent}', which is a tensor")
+        if isinstance(node.get(leaf), dict):
+            raise ValueError(f"'{key}' is a tensor and also holds others")
         node[leaf] = value
     return tree
 

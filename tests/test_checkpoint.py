@@ -158,6 +158,15 @@ def corrupt(path, kind):
     elif kind in DAMAGED_METADATA:
         save_file({"w": torch.zeros(2)}, path, metadata={"format": "gen-checkpoint", "format_version": "1",
                                                         "gen": json.dumps({**META, **DAMAGED_METADATA[kind]})})
+    elif kind in ("nested-json", "huge-integer"):  # json.loads: RecursionError; ValueError past 4,300 digits
+        text = "[" * 100_000 + "]" * 100_000 if kind == "nested-json" else json.dumps(META)[:-1] + ', "x": 1' + "0" * 5000 + "}"
+        save_file({"w": torch.zeros(2)}, path, metadata={"format": "gen-checkpoint", "format_version": "1", "gen": text})
+    elif kind in ("tensor-and-folder", "folder-then-tensor", "nan"):
+        tensors = {"params/w": torch.zeros(2), "opt_state/count": torch.tensor(3)}
+        tensors.update({"tensor-and-folder": {"params": torch.zeros(3)},
+                        "folder-then-tensor": {"opt_state/count/x": torch.zeros(1)},
+                        "nan": {"params/w": torch.tensor([0.0, float("nan")])}}[kind])
+        save_file(tensors, path, metadata={"format": "gen-checkpoint", "format_version": "1", "gen": json.dumps(META)})
     elif kind == "future-version":
         save_file({"w": torch.zeros(2)}, path, metadata={"format": "gen-checkpoint", "format_version": "99",
                                                         "gen": json.dumps(META)})
@@ -170,7 +179,10 @@ def corrupt(path, kind):
     ("config-not-object", "'config' missing or not a JSON object"), ("no-shape", "'shape' missing or not a list"),
     ("shape-of-strings", "'shape' is not a list of positive sizes"), ("step-not-int", "'step' missing or not an integer"),
     ("epoch-not-number", "'epoch' is not a number"), ("negative-step", "a negative 'step'"),
-    ("future-version", "checkpoint format 99"),
+    ("future-version", "checkpoint format 99"), ("nested-json", "damaged metadata"), ("huge-integer", "damaged metadata"),
+    ("tensor-and-folder", "its tensor names do not form a state \\('params/w' lies under 'params', which is a tensor\\)"),
+    ("folder-then-tensor", "its tensor names do not form a state \\('opt_state/count/x' lies under 'count'"),
+    ("nan", "'params/w' holds NaN or infinite values, which gen never saves"),
 ])
 def test_bad_files_get_one_line_errors(saved, kind, message):
     path, _ = saved
@@ -188,3 +200,16 @@ def test_missing_directory_and_wrong_model(saved, tmp_path):
         checkpoint.load(tmp_path)
     with pytest.raises(checkpoint.CheckpointError, match="holds a 'vae' model, not 'dcgan'"):
         checkpoint.load(path, model="dcgan")
+
+
+def test_an_unreadable_checkpoint_is_named_as_such(saved, monkeypatch):
+    """safetensors reports a file it may not read as "No such file or directory"; the check before it
+    says what is wrong. (Simulated: the tests run as root, whom permissions do not stop.)"""
+    path, _ = saved
+
+    def denied(file, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(file))
+    monkeypatch.setattr(checkpoint, "open", denied, raising=False)
+    with pytest.raises(checkpoint.CheckpointError, match=f"cannot read {path} \\(Permission denied\\): check its "
+                                                         "permissions"):
+        checkpoint.load(path)
