@@ -30,9 +30,10 @@ import math
 import signal
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
@@ -44,6 +45,7 @@ from gen.device import autocast_step, resolve_device, synchronize
 from gen.tree import leaves, to_device
 
 CHECKPOINT = "checkpoint.safetensors"
+LOCK = ".lock"  # held (flock) by the process writing into a run folder
 
 
 def prepare(config: Config) -> tuple[Config, models.Family, data.Dataset]:
@@ -119,125 +121,132 @@ def train(config: Config, out: str | Path, resume: bool = False, show_progress: 
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ValueError(f"cannot create the run folder {out} ({error.strerror}): choose another --out") from None
-    _write_json(out / "config.json", config.to_dict())
-    history = _restart_metrics(out / "metrics.jsonl", start_step)
-    metadata = {"model": config.model, "config": config.to_dict(), "data_kind": dataset.kind,
-                "shape": list(shape), "steps_per_epoch": steps_per_epoch}
+    with _run_lock(out):
+        # Checked again under the lock: another process may have written here since the checks above.
+        if not resume and checkpoint_path.exists():
+            raise ValueError(f"{out} already holds a checkpoint: pass --resume to continue it or choose another --out")
+        if resume and checkpoint.read_metadata(checkpoint_path)["step"] != start_step:
+            raise ValueError(f"the checkpoint in {out} changed while this run started (another gen process?): "
+                             "run the command again")
+        _write_json(out / "config.json", config.to_dict())
+        history = _restart_metrics(out / "metrics.jsonl", start_step)
+        metadata = {"model": config.model, "config": config.to_dict(), "data_kind": dataset.kind,
+                    "shape": list(shape), "steps_per_epoch": steps_per_epoch}
 
-    step_fn = family.make_step(config, shape)
-    if config.precision == "bf16":
-        step_fn = autocast_step(step_fn, device)  # evaluation and sampling stay float32
-    layout = compilation.unchanged
-    if config.compile:  # (on the CPU, convolution states and image batches go channels-last)
-        donating_step, state, layout = compilation.compile_for_training(step_fn, state, device, donate=True)
+        step_fn = family.make_step(config, shape)
+        if config.precision == "bf16":
+            step_fn = autocast_step(step_fn, device)  # evaluation and sampling stay float32
+        layout = compilation.unchanged
+        if config.compile:  # (on the CPU, convolution states and image batches go channels-last)
+            donating_step, state, layout = compilation.compile_for_training(step_fn, state, device, donate=True)
 
-        def step_fn(state, batch, inputs):  # the same (state, metrics) contract; `state` updated in place
-            return state, donating_step(state, batch, inputs)
-    graphs_before = _graph_count()
-    train_data = dataset.train.to(device)
+            def step_fn(state, batch, inputs):  # the same (state, metrics) contract; `state` updated in place
+                return state, donating_step(state, batch, inputs)
+        graphs_before = _graph_count()
+        train_data = dataset.train.to(device)
 
-    saved_step = start_step if resume else None  # the step the checkpoint on disk holds
+        saved_step = start_step if resume else None  # the step the checkpoint on disk holds
 
-    def save(step: int) -> None:
-        nonlocal saved_step
-        # A diverged state (NaN or infinite anywhere) is never saved: it would replace the last good
-        # checkpoint with one that can only produce NaN samples.
-        if not all(torch.isfinite(t).all() for t in leaves(state)):
-            diverged(step, "the model's state")
-        checkpoint.save(checkpoint_path, state, {**metadata, "step": step, "epoch": step / steps_per_epoch})
-        saved_step = step
+        def save(step: int) -> None:
+            nonlocal saved_step
+            # A diverged state (NaN or infinite anywhere) is never saved: it would replace the last good
+            # checkpoint with one that can only produce NaN samples.
+            if not all(torch.isfinite(t).all() for t in leaves(state)):
+                diverged(step, "the model's state")
+            checkpoint.save(checkpoint_path, state, {**metadata, "step": step, "epoch": step / steps_per_epoch})
+            saved_step = step
 
-    def diverged(step: int, what: str) -> None:
-        kept = (f"the checkpoint of step {checkpoint.read_metadata(checkpoint_path)['step']} is kept"
-                if checkpoint_path.exists() else "no checkpoint was written")
-        raise ValueError(f"training diverged: {what} became NaN or infinite by step {step}; {kept}: "
-                         "start a new run with a lower --lr")
+        def diverged(step: int, what: str) -> None:
+            kept = (f"the checkpoint of step {checkpoint.read_metadata(checkpoint_path)['step']} is kept"
+                    if checkpoint_path.exists() else "no checkpoint was written")
+            raise ValueError(f"training diverged: {what} became NaN or infinite by step {step}; {kept}: "
+                             "start a new run with a lower --lr")
 
-    progress = _progress(show_progress)
-    task = progress.add_task(f"{config.model} on {config.data}", total=total_steps, completed=start_step,
-                             status="")
-    compile_seconds = None
-    interval_start, interval_steps = None, 0
-    steps_done = start_step  # the steps `state` holds; it lags the loop's `step` while a step runs
-    state_is_whole = True  # False only while a step is writing it
-    interrupt = _InterruptAtStepBoundary()
-    try:
-        with progress, interrupt:
-            for step in range(start_step, total_steps):
-                interrupt.raise_if_requested()
-                epoch, index = divmod(step, steps_per_epoch)
-                batch = layout(_batch(train_data, config, per_step, epoch, index))
-                inputs = family.make_noise(config, shape, config.batch_size,
-                                           rng.generator(config.seed, "noise", step))
-                inputs = {name: value.to(device) for name, value in inputs.items()}
-                tick = time.perf_counter()
-                # After the first (compiling) call the compiled step runs without Dynamo's guard checks.
-                with compilation.steady() if config.compile and compile_seconds is not None else nullcontext():
-                    state_is_whole = False
-                    state, metrics = step_fn(state, batch, inputs)
-                    state_is_whole, steps_done = True, step + 1
-                if compile_seconds is None:  # the first call compiles; time it apart from throughput
-                    synchronize(device)
-                    compile_seconds = time.perf_counter() - tick
-                    interval_start, interval_steps = time.perf_counter(), 0
-                else:
-                    interval_steps += 1
-                progress.advance(task)
-                done = step + 1
-                end_of_epoch = done % steps_per_epoch == 0 or done == total_steps
-                if done % config.log_every == 0 or end_of_epoch:
-                    row = {name: value.item() for name, value in metrics.items()}  # the only host syncs
-                    # Throughput over the steps since the last row, the compiling call left out; when
-                    # that call is the only one (a process's first step is a logging step), its own time.
-                    steps_timed, seconds = ((interval_steps, time.perf_counter() - interval_start) if interval_steps
-                                            else (1, compile_seconds))
-                    row = {"step": done, "epoch": round(done / steps_per_epoch, 4), **row,
-                           "samples_per_s": round(steps_timed * config.batch_size * per_step / seconds, 1)}
-                    _append(out / "metrics.jsonl", row, history)
-                    if not all(math.isfinite(value) for value in row.values()):
-                        diverged(done, "the logged metrics")
-                    progress.update(task, status=_status(row))
-                    interval_start, interval_steps = time.perf_counter(), 0
-                if config.sample_every and done % config.sample_every == 0:
-                    (out / "samples").mkdir(exist_ok=True)
-                    _save_samples(family, state, config, dataset, out / "samples" / f"step_{done:07d}.png")
-                if end_of_epoch:
-                    results = family.evaluate(state, config, dataset, rng.seed_for(config.seed, "eval"))
-                    if results:
-                        _append(out / "metrics.jsonl", {"step": done, "epoch": round(done / steps_per_epoch, 4),
-                                                         **results}, history)
-                    save(done)
-                    interval_start = time.perf_counter()  # evaluation is not training time
-            interrupt.raise_if_requested()  # a Ctrl-C held through the last step stops the run too
-    except KeyboardInterrupt:
-        if not state_is_whole:  # a second Ctrl-C inside a step: the state is half-written, keep the disk's
-            if not checkpoint_path.exists():
-                raise KeyboardInterrupt(f"interrupted inside step {steps_done + 1}, before the run's first "
-                                        f"checkpoint: nothing to resume; remove {out} and start again") from None
-            raise KeyboardInterrupt(f"interrupted inside step {steps_done + 1}; the last checkpoint in {out} is "
-                                    "kept: continue with --resume") from None
-        if saved_step != steps_done:
-            save(steps_done)
-        if steps_done == total_steps:  # nothing is left to resume, only the run's closing files
-            raise KeyboardInterrupt(f"interrupted after the run's last step, {steps_done}; its checkpoint is saved "
-                                    f"in {out} but samples.png, loss.png and summary.json are not: draw "
-                                    f"samples with `gen sample {out}`")
-        raise KeyboardInterrupt(f"interrupted at step {steps_done}; checkpoint saved in {out}: "
-                                "continue with --resume")
-    finally:
-        progress.stop()
+        progress = _progress(show_progress)
+        task = progress.add_task(f"{config.model} on {config.data}", total=total_steps, completed=start_step,
+                                 status="")
+        compile_seconds = None
+        interval_start, interval_steps = None, 0
+        steps_done = start_step  # the steps `state` holds; it lags the loop's `step` while a step runs
+        state_is_whole = True  # False only while a step is writing it
+        interrupt = _InterruptAtStepBoundary()
+        try:
+            with progress, interrupt:
+                for step in range(start_step, total_steps):
+                    interrupt.raise_if_requested()
+                    epoch, index = divmod(step, steps_per_epoch)
+                    batch = layout(_batch(train_data, config, per_step, epoch, index))
+                    inputs = family.make_noise(config, shape, config.batch_size,
+                                               rng.generator(config.seed, "noise", step))
+                    inputs = {name: value.to(device) for name, value in inputs.items()}
+                    tick = time.perf_counter()
+                    # After the first (compiling) call the compiled step runs without Dynamo's guard checks.
+                    with compilation.steady() if config.compile and compile_seconds is not None else nullcontext():
+                        state_is_whole = False
+                        state, metrics = step_fn(state, batch, inputs)
+                        state_is_whole, steps_done = True, step + 1
+                    if compile_seconds is None:  # the first call compiles; time it apart from throughput
+                        synchronize(device)
+                        compile_seconds = time.perf_counter() - tick
+                        interval_start, interval_steps = time.perf_counter(), 0
+                    else:
+                        interval_steps += 1
+                    progress.advance(task)
+                    done = step + 1
+                    end_of_epoch = done % steps_per_epoch == 0 or done == total_steps
+                    if done % config.log_every == 0 or end_of_epoch:
+                        row = {name: value.item() for name, value in metrics.items()}  # the only host syncs
+                        # Throughput over the steps since the last row, the compiling call left out; when
+                        # that call is the only one (a process's first step is a logging step), its own time.
+                        steps_timed, seconds = ((interval_steps, time.perf_counter() - interval_start) if interval_steps
+                                                else (1, compile_seconds))
+                        row = {"step": done, "epoch": round(done / steps_per_epoch, 4), **row,
+                               "samples_per_s": round(steps_timed * config.batch_size * per_step / seconds, 1)}
+                        _append(out / "metrics.jsonl", row, history)
+                        if not all(math.isfinite(value) for value in row.values()):
+                            diverged(done, "the logged metrics")
+                        progress.update(task, status=_status(row))
+                        interval_start, interval_steps = time.perf_counter(), 0
+                    if config.sample_every and done % config.sample_every == 0:
+                        (out / "samples").mkdir(exist_ok=True)
+                        _save_samples(family, state, config, dataset, out / "samples" / f"step_{done:07d}.png")
+                    if end_of_epoch:
+                        results = family.evaluate(state, config, dataset, rng.seed_for(config.seed, "eval"))
+                        if results:
+                            _append(out / "metrics.jsonl", {"step": done, "epoch": round(done / steps_per_epoch, 4),
+                                                             **results}, history)
+                        save(done)
+                        interval_start = time.perf_counter()  # evaluation is not training time
+                interrupt.raise_if_requested()  # a Ctrl-C held through the last step stops the run too
+        except KeyboardInterrupt:
+            if not state_is_whole:  # a second Ctrl-C inside a step: the state is half-written, keep the disk's
+                if not checkpoint_path.exists():
+                    raise KeyboardInterrupt(f"interrupted inside step {steps_done + 1}, before the run's first "
+                                            f"checkpoint: nothing to resume; remove {out} and start again") from None
+                raise KeyboardInterrupt(f"interrupted inside step {steps_done + 1}; the last checkpoint in {out} is "
+                                        "kept: continue with --resume") from None
+            if saved_step != steps_done:
+                save(steps_done)
+            if steps_done == total_steps:  # nothing is left to resume, only the run's closing files
+                raise KeyboardInterrupt(f"interrupted after the run's last step, {steps_done}; its checkpoint is saved "
+                                        f"in {out} but samples.png, loss.png and summary.json are not: draw "
+                                        f"samples with `gen sample {out}`")
+            raise KeyboardInterrupt(f"interrupted at step {steps_done}; checkpoint saved in {out}: "
+                                    "continue with --resume")
+        finally:
+            progress.stop()
 
-    _save_samples(family, state, config, dataset, out / "samples.png")
-    # Training rows carry a throughput; evaluation rows (test losses, mode coverage) do not.
-    training_rows = [row for row in history if "samples_per_s" in row]
-    plots.loss_curves(training_rows, out / "loss.png", title=f"{config.model} on {config.data}")
-    final = training_rows[-1] if training_rows else {}
-    evaluation = next((row for row in reversed(history) if "samples_per_s" not in row), {})
-    summary = {"out": str(out), "steps": total_steps, "device": str(device), "compiled": config.compile,
-               "compile_seconds": compile_seconds, "graphs_compiled": _graph_count() - graphs_before,
-               "final": final, "evaluation": evaluation}
-    _write_json(out / "summary.json", summary)
-    return summary
+        _save_samples(family, state, config, dataset, out / "samples.png")
+        # Training rows carry a throughput; evaluation rows (test losses, mode coverage) do not.
+        training_rows = [row for row in history if "samples_per_s" in row]
+        plots.loss_curves(training_rows, out / "loss.png", title=f"{config.model} on {config.data}")
+        final = training_rows[-1] if training_rows else {}
+        evaluation = next((row for row in reversed(history) if "samples_per_s" not in row), {})
+        summary = {"out": str(out), "steps": total_steps, "device": str(device), "compiled": config.compile,
+                   "compile_seconds": compile_seconds, "graphs_compiled": _graph_count() - graphs_before,
+                   "final": final, "evaluation": evaluation}
+        _write_json(out / "summary.json", summary)
+        return summary
 
 
 # --- helpers ------------------------------------------------------------------------
@@ -272,15 +281,45 @@ class _InterruptAtStepBoundary:
             raise KeyboardInterrupt
 
 
+@contextmanager
+def _run_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the run folder `out` while a run writes into it: a second gen
+    process training into the same folder (a new run or a resume) stops with one line instead of
+    interleaving its log and checkpoints with this one's. The kernel drops an flock when its
+    process ends, however it ends, so a killed run leaves no stale lock (the empty file stays).
+    Where there is no flock (Windows, some network file systems) runs go unguarded."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    try:
+        handle = open(out / LOCK, "a")
+    except OSError as error:
+        raise ValueError(f"cannot write into the run folder {out} ({error.strerror}): choose another --out") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another gen process is training in {out}: wait for it to finish, or choose "
+                             "another --out") from None
+        except OSError:  # a file system without locks
+            pass
+        yield
+
+
 def _unsaved_run(out: Path) -> bool:
     """Whether `out` holds only what a gen run writes before its first checkpoint (its config.json,
     metrics.jsonl, samples/): a run that diverged, ran out of memory or was killed early, which a
     new run may take over. Anything else in it, or a config.json gen did not write, is not that."""
-    if not {entry.name for entry in out.iterdir()} <= {"config.json", "metrics.jsonl", "samples"}:
+    names = {entry.name for entry in out.iterdir()}
+    if not names <= {"config.json", "metrics.jsonl", "samples", LOCK}:
         return False
+    if names <= {LOCK}:  # a run stopped before it wrote anything
+        return True
     try:
         written = json.loads((out / "config.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested too deep to parse
         return False
     known = set(Config.__dataclass_fields__)
     return isinstance(written, dict) and {"model", "data", "seed"} <= written.keys() <= known
@@ -331,11 +370,15 @@ def _restart_metrics(path: Path, start_step: int) -> list[dict]:
     """Keep the log rows up to the checkpoint's step (a crash may have logged past it)."""
     if not path.exists():
         return []
+    if not path.is_file():
+        raise ValueError(f"{path} is not a file, so the run's log cannot be kept: move it aside and resume again")
     rows = []
     for line in path.read_bytes().splitlines():
         try:
             row = json.loads(line)
-        except ValueError:  # a line cut short by a crash (JSONDecodeError), or not UTF-8
+        # a line cut short by a crash (JSONDecodeError), not UTF-8, an integer past 4,300 digits
+        # (ValueError), or nested too deep to parse (RecursionError)
+        except (ValueError, RecursionError):
             continue
         if _is_metrics_row(row) and row["step"] <= start_step:
             # An older gen logged an undefined reverse KL as Infinity: kept rows lose non-finite
@@ -348,10 +391,12 @@ def _restart_metrics(path: Path, start_step: int) -> list[dict]:
 
 
 def _is_metrics_row(row) -> bool:
-    """Whether a parsed line is one gen logs: an object of numbers with an integer step. Anything
-    else (an edited or foreign line) would break the loss plot and the summary, and is dropped."""
-    number = lambda value: isinstance(value, (int, float)) and not isinstance(value, bool)  # noqa: E731
-    return (isinstance(row, dict) and type(row.get("step")) is int
+    """Whether a parsed line is one gen logs: an object of numbers with a step of at least 1, every
+    integer within int64. Anything else (an edited or foreign line) would break the loss plot and
+    the summary (an integer too large for a float stops matplotlib), and is dropped."""
+    def number(value) -> bool:
+        return type(value) is float or (type(value) is int and -2**63 <= value < 2**63)
+    return (isinstance(row, dict) and type(row.get("step")) is int and row["step"] >= 1
             and all(number(value) for value in row.values()))
 
 

@@ -116,7 +116,10 @@ def test_resume_drops_log_lines_gen_could_not_have_written(tmp_path):
     kept = (tmp_path / "metrics.jsonl").read_bytes()
     junk = [b"5", b"[1, 2]", b'{"step": "3"}', b'{"step": null}', b'{"step": true}', b'{"step": 2, "loss": "x"}',
             b'{"loss": 1.0}', b"\xff\xfe not utf-8", b'{"step": 4, "loss": 1.5',
-            b'{"step": 5, "modes_captured": 0, "reverse_kl": Infinity}']  # an older gen's undefined KL
+            b'{"step": 5, "modes_captured": 0, "reverse_kl": Infinity}',  # an older gen's undefined KL
+            b'{"step": 1, "loss": 1' + b"0" * 400 + b'}',  # an integer no float holds: matplotlib's OverflowError
+            b'{"step": -' + b"9" * 30 + b', "loss": 1.0}', b'{"step": 0, "loss": 1.0}',
+            b"[" * 100_000 + b"]" * 100_000]  # too deep for json: RecursionError
     (tmp_path / "metrics.jsonl").write_bytes(kept + b"\n".join(junk) + b"\n")
     training.train(config, tmp_path, resume=True, show_progress=False)
 
@@ -249,7 +252,7 @@ def test_run_folder_holds_everything_a_run_promises(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["hidden_dim"] == 256  # family default resolved
     assert summary["evaluation"]["test_loss"] < logged[0]["loss"]
     from PIL import Image
-    assert Image.open(tmp_path / "samples.png").size == (8 * 9 * 8, 8 * 9 * 8)  # 8x8 grid, 8x upscaled
+    assert Image.open(tmp_path / "samples.png").size == ((8 * 9 - 1) * 8, (8 * 9 - 1) * 8)  # 8x8 grid, 8x upscaled
 
 
 def test_a_resume_cannot_lengthen_a_decaying_schedule(tmp_path):
@@ -273,6 +276,54 @@ def test_refuses_to_overwrite_a_run_or_resume_nothing(tmp_path):
         training.train(config, tmp_path, resume=True, show_progress=False)
     with pytest.raises(ValueError, match="nothing to resume"):
         training.train(config, tmp_path / "other", resume=True, show_progress=False)
+
+
+def test_a_log_that_is_not_a_file_stops_a_resume_with_one_line(tmp_path):
+    config = Config(model="vae", steps=2, compile=False)
+    training.train(config, tmp_path, show_progress=False)
+    (tmp_path / "metrics.jsonl").unlink()
+    (tmp_path / "metrics.jsonl").mkdir()
+    with pytest.raises(ValueError, match="metrics.jsonl is not a file, so the run's log cannot be kept: move it aside"):
+        training.train(Config(**{**config.to_dict(), "steps": 4}), tmp_path, resume=True, show_progress=False)
+    assert checkpoint.read_metadata(tmp_path / training.CHECKPOINT)["step"] == 2
+
+
+def test_a_run_folder_another_process_trains_in_is_refused(tmp_path):
+    """Two gen processes writing one folder would interleave their logs and overwrite each other's
+    checkpoints. The lock another process holds (simulated: flock on a second open file, which
+    conflicts as another process's would) stops a new run and a resume with one line."""
+    import fcntl
+    config = Config(model="vae", steps=2, compile=False)
+    training.train(config, tmp_path / "run", show_progress=False)
+    before = (tmp_path / "run" / training.CHECKPOINT).read_bytes()
+    (tmp_path / "new").mkdir()
+    for out, resume in ((tmp_path / "run", True), (tmp_path / "new", False)):
+        with open(out / training.LOCK, "a") as other_process:
+            fcntl.flock(other_process, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with pytest.raises(ValueError, match=f"another gen process is training in {out}: wait for it"):
+                training.train(Config(**{**config.to_dict(), "steps": 4}), out, resume=resume, show_progress=False)
+    assert (tmp_path / "run" / training.CHECKPOINT).read_bytes() == before
+    assert [p.name for p in (tmp_path / "new").iterdir()] == [training.LOCK]  # nothing written
+    training.train(config, tmp_path / "new", show_progress=False)  # the lock's file alone: a fresh folder
+    training.train(Config(**{**config.to_dict(), "steps": 4}), tmp_path / "run", resume=True, show_progress=False)
+    assert checkpoint.read_metadata(tmp_path / "run" / training.CHECKPOINT)["step"] == 4
+
+
+def test_a_checkpoint_written_while_a_run_starts_is_not_overwritten(tmp_path, monkeypatch):
+    """Between a run's checks and its lock another process may finish and save: checked again."""
+    config = Config(model="vae", steps=2, compile=False)
+    training.train(config, tmp_path / "run", show_progress=False)
+    training.train(Config(**{**config.to_dict(), "steps": 3}), tmp_path / "later", show_progress=False)
+    later = (tmp_path / "later" / training.CHECKPOINT).read_bytes()
+    lock = training._run_lock
+
+    def lock_after_another_save(out):
+        (tmp_path / "run" / training.CHECKPOINT).write_bytes(later)  # the other process's step 3
+        return lock(out)
+    monkeypatch.setattr(training, "_run_lock", lock_after_another_save)
+    with pytest.raises(ValueError, match="changed while this run started \\(another gen process\\?\\): run "):
+        training.train(Config(**{**config.to_dict(), "steps": 4}), tmp_path / "run", resume=True, show_progress=False)
+    assert (tmp_path / "run" / training.CHECKPOINT).read_bytes() == later
 
 
 def test_a_new_run_refuses_a_folder_that_is_not_empty(tmp_path):
