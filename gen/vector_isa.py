@@ -46,11 +46,11 @@ def trusted_vector_isa(cache_dir: str | Path | None = None) -> list[str]:
         record = json.loads(record_path.read_text())
     except (OSError, ValueError):
         record = None
-    if isinstance(record, dict) and {key: record.get(key) for key in identity} == identity:
-        claimed = vector_isas(probe=False, trust_loads=True)
-        if record.get("isas") == claimed:
-            return claimed
-    claimed = vector_isas(probe=False)
+    # What the flags claim, each set's test library taken as loadable (the record says it was).
+    claimed = vector_isas(probe=False, trust_loads=True)
+    if isinstance(record, dict) and {key: record.get(key) for key in identity} == identity \
+            and record.get("isas") == claimed:
+        return claimed
     probed = vector_isas(probe=True)
     if probed == claimed:
         try:
@@ -70,13 +70,13 @@ def vector_isas(probe: bool, trust_loads: bool = False) -> list[str]:
     of AVX-512's bf16 and VNNI checks: three child processes, 0.2 s of every warm start here.
     With `trust_loads` (for a cache directory whose record says they loaded before) those loads
     are taken as done; the libraries are still built (from the compile cache), so a compiler that
-    cannot build an extension still drops it. The extensions' verdicts are cached per set, so
-    they are redone here, except by a probe, which reuses the ones just made (the same libraries,
-    loaded) as Inductor's own sequence does."""
+    cannot build an extension still drops it. Inductor caches each AVX-512 set's whole verdict
+    (the set and its extensions), keyed on nothing: every answer here starts without them, or a
+    probe after a flags-only answer would take that answer for AVX-512 without building its test
+    library (a compiler unable to build ATen's AVX-512 code then went unnoticed)."""
     from torch._inductor import config, cpu_vec_isa
     cpu_vec_isa.valid_vec_isa_list.cache_clear()
-    if not probe:
-        forget_extension_verdicts()
+    forget_extension_verdicts()
     loads = mock.patch.object(cpu_vec_isa.VecISA, "_probe_load", lambda self, path: True) if trust_loads \
         else nullcontext()
     with config.patch({"cpp.vec_isa_ok": None if probe else True}), loads:
@@ -84,12 +84,17 @@ def vector_isas(probe: bool, trust_loads: bool = False) -> list[str]:
 
 
 def forget_extension_verdicts() -> None:
-    """Clear Inductor's per-set cache of extension verdicts (each set class's cached __bool__),
-    as a new process starts without them."""
+    """Forget every verdict Inductor keeps on its sets, as a new process starts without them:
+    the functools caches on each set's class (its __bool__, the base class's per-switch verdict,
+    the extension queries) and the extension flags a passed check set on the instance (a check
+    that fails later never sets them back)."""
     from torch._inductor import cpu_vec_isa
     for isa in cpu_vec_isa.supported_vec_isa_list:
+        for name in [name for name in vars(isa) if name.startswith("_is_") and name.endswith("_supported")]:
+            delattr(isa, name)  # back to the class's False
         for cls in type(isa).__mro__:
-            getattr(vars(cls).get("__bool__"), "cache_clear", lambda: None)()
+            for value in vars(cls).values():
+                getattr(value, "cache_clear", lambda: None)()
 
 
 def isa_name(isa) -> str:

@@ -116,3 +116,79 @@ def test_convolution_layout_is_channels_last_on_the_cpu_for_convolution_states_o
     mlp_state = initial_state("vae")
     assert compilation.convolution_layout(mlp_state, "cpu")(batch) is batch   # no convolutions: as it was
     assert compilation.convolution_layout(conv_state, "cuda")(batch) is batch  # CUDA keeps its own layout
+
+
+
+def refused_or_eager(stepped, step, *args) -> bool:
+    """Whether a call under steady() that the recorded graph may not fit either ran as eager
+    runs it or was refused as Dynamo refuses it ("Recompilation triggered"); not run on the
+    wrong graph."""
+    try:
+        got = stepped(*args)
+    except RuntimeError as error:
+        return "Recompilation triggered" in str(error)
+    got, want = flatten(dict(zip("sm", got))), flatten(dict(zip("sm", step(*args))))  # state, metrics
+    return got.keys() == want.keys() and all(
+        got[k].dtype == want[k].dtype and got[k].requires_grad == want[k].requires_grad
+        and torch.allclose(got[k].detach(), want[k].detach()) for k in want)
+
+
+def test_a_direct_call_runs_the_recorded_graph_only_on_calls_it_fits():
+    """Compilation is what this test is about (one small pure step, compiled once). The
+    record's graph took the one tensor passed as both x and y as one input, reads the state
+    by position and was traced without autocast: calls that differ in any of these, or whose
+    recorded tensors changed in place, must not be run on it. (A Python `k` of another type,
+    2.0 for 2, is not here: Dynamo itself runs the int graph for it under steady().)"""
+    def step(state, x, inputs):
+        out = state["a"] * x + 2 * (state["b"] @ inputs["y"])
+        return ({"a": state["a"] * 1, "b": state["b"] * 1},
+                {"out": out * inputs["k"]})
+
+    torch._dynamo.reset()
+    stepped = compilation.compile_step(step, "cpu")
+    g = torch.Generator().manual_seed(0)
+    a, b, x, y = (torch.randn(3, 3, generator=g) for _ in range(4))
+    stepped({"a": a, "b": b}, x, {"y": x, "k": 2})   # compiles; x is passed twice
+    wrong = []
+    with compilation.steady():
+        assert refused_or_eager(stepped, step, {"a": a, "b": b}, x, {"y": x, "k": 2})
+        for case, args in [("x and y apart", ({"a": a, "b": b}, x, {"y": y, "k": 2})),
+                           ("another key order", ({"b": b, "a": a}, x, {"y": x, "k": 2}))]:
+            if not refused_or_eager(stepped, step, *args):
+                wrong.append(case)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if not refused_or_eager(stepped, step, {"a": a, "b": b}, x, {"y": x, "k": 2}):
+                wrong.append("under autocast")
+        a.requires_grad_(True)  # the recorded tensor itself, changed in place
+        if not refused_or_eager(stepped, step, {"a": a, "b": b}, x, {"y": x, "k": 2}):
+            wrong.append("requires_grad_ in place")
+        a.requires_grad_(False)
+        a.data = a.data.double()
+        if not refused_or_eager(stepped, step, {"a": a, "b": b}, x, {"y": x, "k": 2}):
+            wrong.append(".data made float64")
+    assert wrong == []
+
+
+def test_a_step_that_changes_its_arguments_tree_is_not_replayed_directly():
+    """Compilation is what this test is about (one tiny graph). A dict entry the step sets on its
+    argument is a side effect Dynamo replays in Python after the graph: a direct call of the
+    graph alone would skip it, so such a step keeps going through Dynamo."""
+    def step(state, x):
+        state["n"] = state["n"] + 1  # impure on purpose: the argument's dict is changed
+        return {"w": state["w"] * 2}, {"s": (state["w"] * x).sum()}
+
+    torch._dynamo.reset()
+    stepped = compilation.compile_step(step, "cpu")
+    state, x = {"w": torch.ones(3), "n": torch.zeros(())}, torch.ones(3)
+    stepped(state, x)
+    with compilation.steady():
+        stepped(state, x)
+    assert state["n"].item() == 2
+
+
+def test_rebuild_keeps_namedtuples():
+    """A result with a namedtuple in it (recorded as its structure) is rebuilt field by field."""
+    from collections import namedtuple
+    Pair = namedtuple("Pair", "first second")
+    template = {"metrics": Pair(None, [None])}
+    assert compilation._rebuild(template, iter([1, 2])) == {"metrics": Pair(1, [2])}

@@ -65,3 +65,27 @@ def test_a_disagreeing_probe_is_not_recorded_and_wins(tmp_path, monkeypatch):
     monkeypatch.setattr(vector_isa, "vector_isas", vector_isas)
     assert vector_isa.trusted_vector_isa(tmp_path) == ["avx2"]
     assert not (tmp_path / vector_isa.VECTOR_ISA_RECORD).exists()
+
+
+def test_the_probe_builds_every_set_the_flags_claim(tmp_path, monkeypatch):
+    """The probe must build and load each set's own test library, AVX-512's included: Inductor
+    caches each AVX-512 set's verdict, and one made from the CPU's flags alone (cpp.vec_isa_ok)
+    must not stand in for the probe. A compiler that cannot build ATen's AVX-512 code (the
+    test library of the set itself, not of an extension) must see the set dropped, unrecorded."""
+    from torch._inductor import cpu_vec_isa
+
+    claimed = vector_isa.vector_isas(probe=False)
+    if not any(name.startswith("avx512") for name in claimed):
+        return  # nothing for Inductor to cache on this CPU: its probe of AVX2 alone is not cached
+    real_build = cpu_vec_isa.VecISA.check_build
+
+    def no_avx512(isa, code):  # the set's own test library includes ATen's vec.h; the extensions' do not
+        return False if str(isa).startswith("avx512") and "ATen/cpu/vec" in code else real_build(isa, code)
+    monkeypatch.setattr(cpu_vec_isa.VecISA, "check_build", no_avx512)
+    try:
+        trusted = vector_isa.trusted_vector_isa(tmp_path)
+    finally:  # leave Inductor no verdict made under the fake compiler
+        monkeypatch.undo()
+        vector_isa.vector_isas(probe=False)
+    assert not any(name.startswith("avx512") for name in trusted)
+    assert not (tmp_path / vector_isa.VECTOR_ISA_RECORD).exists()
