@@ -153,7 +153,9 @@ def donate(step: Callable) -> Callable:
     back out as aliases of the inputs cost about 0.2 ms a call (VAE, 1 thread).
 
     The contract: the state passed in is overwritten, so snapshots must be cloned
-    first; no two leaves may share storage (init keeps mu and nu apart); and an
+    first; no two leaves may share storage (init keeps mu and nu apart), nor may the
+    other arguments share the state's (a batch that is a view of a state tensor read
+    the already-updated values under torch.compile: eager 499500, compiled 999000); and an
     exception or Ctrl-C in the middle of a step can leave the state half-updated,
     which a pure step never does."""
     def donating_step(state, *args):
