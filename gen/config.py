@@ -126,6 +126,12 @@ def validate(config: Config) -> None:
         (config.pack in (None, 1) or (config.batch_size or 0) % config.pack == 0,
          "--batch-size must be a multiple of --pack"),
         (config.precision in ("float32", "bf16"), "--precision must be float32 or bf16"),
+        # Settings no option sets (a family's defaults, or a hand-edited config.json/checkpoint):
+        # Adam's β's and SGD's momentum are averaging weights, a bias correction 1 - βᵗ must not be 0.
+        (config.b1 is None or 0.0 <= config.b1 < 1.0, "b1 must be in [0, 1)"),
+        (config.b2 is None or 0.0 <= config.b2 < 1.0, "b2 must be in [0, 1)"),
+        (0.0 <= config.momentum < 1.0, "momentum must be in [0, 1)"),
+        (1 <= config.eval_samples <= MAX_SIZE, f"eval_samples must be between 1 and {MAX_SIZE:,}"),
         (config.log_every >= 1, "--log-every must be at least 1"),
         (config.sample_every >= 0, "--sample-every must be 0 (off) or positive"),
     ]

@@ -83,6 +83,11 @@ def test_config_from_json_refuses_values_of_the_wrong_type():
     (Config(beta=math.nan), "--beta must be non-negative and finite"),
     (Config(optimizer="adamw", weight_decay=math.inf), "--weight-decay must be non-negative and finite"),
     (Config(gp_weight=math.inf), "--gp-weight must be non-negative and finite"),
+    # no option sets these; a hand-edited checkpoint's config had blamed the divergence on --lr
+    (Config(b1=1.0), "b1 must be in [0, 1)"), (Config(b2=-3.0), "b2 must be in [0, 1)"),
+    (Config(b2=math.nan), "b2 must be in"), (Config(optimizer="sgd", momentum=1.5), "momentum must be in"),
+    (Config(eval_samples=0), "eval_samples must be between 1 and 2,147,483,647"),
+    (Config(eval_samples=-5), "eval_samples must be between"), (Config(eval_samples=10**13), "eval_samples must be"),
     (Config(latent_dim=2**62), "--latent-dim 4611686018427387904 is too large: the most is 2,147,483,647"),
     (Config(iwae_k=2**63 - 1), "--iwae-k 9223372036854775807 is too large"),
     (Config(hidden_dim=2**64), "--hidden-dim 18446744073709551616 is too large"),
