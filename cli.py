@@ -26,6 +26,21 @@ def fail(message: str, status: int = 1) -> None:
     raise typer.Exit(status)
 
 
+def one_line(error: Exception) -> str:
+    """An expected error as its one line. gen's own errors already say what to do; an OSError
+    straight from the system ("[Errno 36] File name too long: '...'") is given the file it is
+    about and advice for the common causes."""
+    import errno
+    if not isinstance(error, OSError) or error.errno is None or error.filename is None:
+        return str(error)
+    advice = {errno.ENAMETOOLONG: "a file or folder name may have at most 255 bytes: choose a shorter path",
+              errno.EACCES: "check its permissions", errno.EPERM: "check its permissions",
+              errno.EROFS: "write somewhere else", errno.ENOSPC: "free some space or write somewhere else",
+              errno.EISDIR: "move that folder aside or choose another path",
+              errno.ENOTDIR: "a part of the path is a file: choose another path"}
+    return f"cannot use {error.filename}: {error.strerror}; {advice.get(error.errno, 'check the path')}"
+
+
 def expected_errors() -> tuple[type[Exception], ...]:
     from gen.checkpoint import CheckpointError
     from gen.data import DataError
@@ -186,7 +201,7 @@ def train(
     except KeyboardInterrupt as interrupt:
         fail(str(interrupt) or "interrupted", INTERRUPTED)
     except expected_errors() as error:
-        fail(str(error))
+        fail(one_line(error))
     except (RuntimeError, MemoryError) as error:
         if not out_of_memory(error):
             raise
@@ -216,7 +231,7 @@ def sample(
     try:
         write_samples(source, n, out, seed, device)
     except expected_errors() as error:
-        fail(str(error))
+        fail(one_line(error))
     typer.echo(f"wrote {n} samples to {out}")
 
 
@@ -325,7 +340,7 @@ def info(source: Annotated[Path, typer.Argument(help="a run folder or a checkpoi
     try:
         state, metadata = checkpoint.load(path)
     except expected_errors() as error:
-        fail(str(error))
+        fail(one_line(error))
     params = state.get("params", {})
     if not isinstance(params, dict):  # a lone tensor named "params": not a training state's tree
         fail(f"{path} holds no parameter tree (its 'params' is one tensor): it is not a gen training checkpoint")
@@ -364,7 +379,7 @@ def bench(
     except KeyboardInterrupt:  # the harness has printed what it kept and written its JSON
         raise typer.Exit(INTERRUPTED) from None
     except expected_errors() as error:
-        fail(str(error))
+        fail(one_line(error))
 
 
 def main() -> None:

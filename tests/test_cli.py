@@ -342,6 +342,16 @@ def test_an_allocator_out_of_memory_while_sampling_is_one_line(run, tmp_path, mo
     assert not list(tmp_path.iterdir())  # no temporary file left behind
 
 
+def test_system_errors_name_the_file_and_what_to_do(run, tmp_path):
+    """An OSError straight from the system had printed as "[Errno 36] File name too long: '...'"."""
+    long_name = tmp_path / ("a" * 300)
+    assert_one_line_error(gen("train", "vae", "--steps", 1, "--no-compile", "--no-progress", "--out", long_name),
+                          f"cannot use {long_name}: File name too long; a file or folder name may have at most "
+                          "255 bytes: choose a shorter path")
+    assert_one_line_error(gen("sample", run, "--out", f"{long_name}.png"), "File name too long; a file or folder")
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_picture_too_big_for_memory_is_refused_before_sampling(run, tmp_path, monkeypatch):
     """A PNG grid of 8x8 digits is enlarged 8x: 4,000 samples take 1 MB as floats but about 40 MB
     as a picture. With 10 MB of memory the picture is refused before any sampling work, in one
