@@ -265,6 +265,10 @@ def test_a_batch_size_the_model_cannot_use_is_refused_before_timing(monkeypatch)
     with pytest.raises(ValueError, match=message):
         bench.plan(["gan-2d", "dcgan"], [1])  # gan-2d's MLPs take one example
     assert bench.plan(["gan-2d:1", "dcgan:2"], None) == [("gan-2d", 1), ("dcgan", 2)]
+    # past gen train's limit (and past int64, where torch raises a TypeError): refused, not an error row
+    for entries, sizes in ((["vae:99999999999999999999999"], None), (["vae"], [2**63 - 1]), (["vae"], [2**31])):
+        with pytest.raises(ValueError, match="^batch size [0-9]+ is too large: the most is 2,147,483,647"):
+            bench.plan(entries, sizes)
 
 
 def test_a_run_with_no_mode_left_is_refused(capsys):

@@ -13,6 +13,7 @@ import torch
 
 from gen import checkpoint, compilation, models
 from gen.bench.compile_time import compile_seconds
+from gen.config import MAX_SIZE
 from gen.bench.machine import fastest, keep_freed_memory, machine, matmul_samplers, peak_memory_mb, time_mode
 from gen.bench.modes import CUDA_MODES, EXTRA_MODES, MODELS, MODES, PEERS_DIR, flops_per_step, load_peers, \
     make_runner, model_config
@@ -69,6 +70,10 @@ def plan(names: list[str] | None, batch_sizes: list[int] | None) -> list[tuple[s
     present = set(available_models([model for model, _ in entries]))
     groups = [(model, b) for model, own in entries if model in present
               for b in own or batch_sizes or MODELS[model][2]]
+    too_large = [b for _, b in groups if b > MAX_SIZE]  # past int64 torch raises TypeError, not a message
+    if too_large:
+        raise ValueError(f"batch size {too_large[0]} is too large: the most is {MAX_SIZE:,}, and far less fits "
+                         "in memory")
     for model, batch_size in groups:  # the model's own refusals now, not as error rows after the others ran
         try:
             model_config(model, batch_size)
