@@ -16,6 +16,7 @@ with a one-line message.
 import json
 import math
 import os
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -74,6 +75,10 @@ def replacing(path: str | Path) -> Iterator[Path]:
     temporary = target.with_name(f".{stem}.{os.getpid()}.tmp{suffix}")
     try:
         yield temporary
+        try:  # safetensors creates its file 0600: the replacement gets the permissions a plain write would
+            os.chmod(temporary, _permissions_for(target))
+        except OSError:  # a file system without Unix permissions
+            pass
         os.replace(temporary, target)
     except OSError as error:  # named by the file asked for, not the temporary one
         raise OSError(f"cannot write {path}: {error.strerror or error}; check that its folder is writable "
@@ -83,6 +88,22 @@ def replacing(path: str | Path) -> Iterator[Path]:
             temporary.unlink(missing_ok=True)
         except OSError:  # its folder is the problem (not a directory, ...): the error above says so
             pass
+
+
+def _permissions_for(target: Path) -> int:
+    """The permission bits of `target` if it exists (a replaced file keeps them), else what open()
+    gives a new file: 0o666 less the process's umask."""
+    try:
+        return stat.S_IMODE(target.stat().st_mode)
+    except OSError:
+        pass
+    try:  # Linux 4.7+ shows the umask without changing it
+        with open("/proc/self/status") as status:
+            umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0o022)  # reading it means setting it: put it straight back
+        os.umask(umask)
+    return 0o666 & ~umask
 
 
 def json_safe(value):

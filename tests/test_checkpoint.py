@@ -213,3 +213,22 @@ def test_an_unreadable_checkpoint_is_named_as_such(saved, monkeypatch):
     with pytest.raises(checkpoint.CheckpointError, match=f"cannot read {path} \\(Permission denied\\): check its "
                                                          "permissions"):
         checkpoint.load(path)
+
+
+def test_a_written_file_gets_the_permissions_a_plain_write_would(tmp_path):
+    """safetensors creates its file 0600, which left checkpoints unreadable to the rest of a group
+    sharing runs: a new file gets 0666 less the umask, a replaced one keeps its own bits."""
+    import os
+    import stat
+    umask = os.umask(0o027)
+    try:
+        path = tmp_path / "checkpoint.safetensors"
+        checkpoint.save(path, make_state(), META)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640
+        path.chmod(0o604)
+        checkpoint.save(path, make_state(), META)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o604
+        checkpoint.write_text(tmp_path / "summary.json", "{}")
+        assert stat.S_IMODE((tmp_path / "summary.json").stat().st_mode) == 0o640
+    finally:
+        os.umask(umask)
