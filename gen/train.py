@@ -7,6 +7,8 @@
       samples.png          a grid of samples (a scatter plot for 2D data)
       loss.png             the logged losses against the step
       samples/step_N.png   fixed-noise samples every --sample-every steps
+      summary.json         the final metrics, evaluation and timings
+      .lock                flock'ed while a process trains here (_run_lock)
 
 The step is built once, compiled once (gen/compilation.py: one graph, static
 shapes, the state's buffers donated, Dynamo's guards skipped once warm) and
@@ -27,6 +29,7 @@ on disk, never writing a half-updated state.
 
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -291,21 +294,27 @@ def _run_lock(out: Path) -> Iterator[None]:
     try:
         import fcntl
     except ImportError:
+        fcntl = None
+    if fcntl is None:  # outside the except clause: errors in the run must not read as this one's
         yield
         return
-    try:
-        handle = open(out / LOCK, "a")
+    lock = out / LOCK
+    try:  # read-only: flock needs no write access, and another user's run may have made the file
+        descriptor = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o666)
     except OSError as error:
-        raise ValueError(f"cannot write into the run folder {out} ({error.strerror}): choose another --out") from None
-    with handle:
+        raise ValueError(f"cannot open the run folder's lock file {lock} ({error.strerror}): check the "
+                         "folder's permissions") from None
+    try:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ValueError(f"another gen process is training in {out}: wait for it to finish, or choose "
                              "another --out") from None
         except OSError:  # a file system without locks
             pass
         yield
+    finally:
+        os.close(descriptor)
 
 
 def _unsaved_run(out: Path) -> bool:

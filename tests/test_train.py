@@ -4,6 +4,7 @@ import json
 import math
 import os
 import signal
+import sys
 
 import pytest
 import torch
@@ -324,6 +325,32 @@ def test_a_checkpoint_written_while_a_run_starts_is_not_overwritten(tmp_path, mo
     with pytest.raises(ValueError, match="changed while this run started \\(another gen process\\?\\): run "):
         training.train(Config(**{**config.to_dict(), "steps": 4}), tmp_path / "run", resume=True, show_progress=False)
     assert (tmp_path / "run" / training.CHECKPOINT).read_bytes() == later
+
+
+def test_a_checkpoint_written_while_a_new_run_starts_is_not_overwritten(tmp_path, monkeypatch):
+    config = Config(model="vae", steps=2, compile=False)
+    training.train(config, tmp_path / "other", show_progress=False)
+    theirs = (tmp_path / "other" / training.CHECKPOINT).read_bytes()
+    lock = training._run_lock
+
+    def lock_after_another_run_saved(out):
+        (out / training.CHECKPOINT).write_bytes(theirs)
+        return lock(out)
+    monkeypatch.setattr(training, "_run_lock", lock_after_another_run_saved)
+    with pytest.raises(ValueError, match="already holds a checkpoint: pass --resume"):
+        training.train(config, tmp_path / "run", show_progress=False)
+    assert (tmp_path / "run" / training.CHECKPOINT).read_bytes() == theirs
+
+
+def test_without_flock_a_run_goes_unguarded_and_its_errors_stay_its_own(tmp_path, monkeypatch):
+    """Windows has no fcntl: runs train, and an error inside one is not chained to the failed import."""
+    monkeypatch.setitem(sys.modules, "fcntl", None)
+    with pytest.raises(RuntimeError) as error:
+        with training._run_lock(tmp_path):
+            raise RuntimeError("inside the run")
+    assert error.value.__context__ is None
+    training.train(Config(model="vae", steps=2, compile=False), tmp_path / "run", show_progress=False)
+    assert not (tmp_path / "run" / training.LOCK).exists()
 
 
 def test_a_new_run_refuses_a_folder_that_is_not_empty(tmp_path):
