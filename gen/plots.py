@@ -21,31 +21,33 @@ def image_grid(images: Tensor, path: str | Path, columns: int | None = None, sca
     """Tile (N, C, H, W) images in [0, 1] (C = 1: grey, 3: RGB) into one PNG, row by row, with a white
     line `scale` pixels wide between neighbours (none around the outside); values outside [0, 1] are
     clamped, NaN is black. Each pixel becomes a `scale` x `scale` block."""
-    images = torch.nan_to_num(images.detach().float().cpu(), nan=0.0).clamp(0, 1)
-    n, channels, height, width = images.shape
+    # Eight bits a channel first: every copy after this one (the padded tiles, the grid, the
+    # enlarged picture) takes a byte a value. x ↦ round(255 · clamp(x, 0, 1)).
+    pixels = torch.nan_to_num(images.detach().float().cpu(), nan=0.0).clamp_(0, 1).mul_(255).round_()
+    pixels = pixels.to(torch.uint8)
+    n, channels, height, width = pixels.shape
     columns = columns or math.ceil(math.sqrt(n))
     rows = math.ceil(n / columns)
     # Each tile carries its white line below and to its right; the last row's and column's are cut
     # off, so a grid is rows·(H + 1) - 1 by columns·(W + 1) - 1 pixels (before scaling).
-    padded = torch.ones(rows * columns, channels, height + 1, width + 1)
-    padded[:n, :, :height, :width] = images
-    grid = rearrange(padded, "(r c) ch h w -> (r h) (c w) ch", r=rows, c=columns)[:-1, :-1]
-    # Eight bits a channel before enlarging: the enlarged grid is the largest thing made here.
-    pixels = grid.mul(255).round_().to(torch.uint8).numpy()
-    picture = Image.fromarray(pixels[..., 0] if channels == 1 else pixels)  # mode "L" or "RGB"
+    padded = torch.full((rows * columns, channels, height + 1, width + 1), 255, dtype=torch.uint8)
+    padded[:n, :, :height, :width] = pixels
+    grid = rearrange(padded, "(r c) ch h w -> (r h) (c w) ch", r=rows, c=columns)[:-1, :-1].contiguous()
+    picture = Image.fromarray(grid[..., 0].numpy() if channels == 1 else grid.numpy())  # mode "L" or "RGB"
     if scale > 1:
         picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
     picture.save(path, format="PNG")
 
 
 def image_grid_bytes(n: int, channels: int, height: int, width: int, scale: int = 1) -> int:
-    """An upper bound on the memory `image_grid` takes for n images of (channels, height, width):
-    the padded float32 tiles and their copies in four bytes a value, and the 8-bit grid, enlarged,
-    held twice (the picture and the PNG encoder's rows) in one byte a value."""
+    """An upper bound on the memory `image_grid` takes for n images of (channels, height, width),
+    beyond the images themselves: one float32 copy of them (4 bytes a value), then in 8 bits the
+    images, the padded tiles, the grid and the picture handed to Pillow (a byte a value each, every
+    one at most a tile count), and the enlarged picture twice (itself and the PNG encoder's rows)."""
     columns = math.ceil(math.sqrt(n))
     rows = math.ceil(n / columns)
     tiles = rows * columns * channels * (height + 1) * (width + 1)
-    return 3 * 4 * tiles + 2 * tiles * scale * scale
+    return 4 * n * channels * height * width + 4 * tiles + 2 * tiles * scale * scale
 
 
 def upscale_for_viewing(side: int) -> int:
