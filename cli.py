@@ -33,7 +33,10 @@ def one_line(error: Exception) -> str:
     import errno
     if not isinstance(error, OSError) or error.errno is None or error.filename is None:
         return str(error)
-    advice = {errno.ENAMETOOLONG: "a file or folder name may have at most 255 bytes: choose a shorter path",
+    too_long = ("a file or folder name may have at most 255 bytes"
+                if any(len(os.fsencode(part)) > 255 for part in Path(error.filename).parts)
+                else "a path may have at most 4,095 bytes")
+    advice = {errno.ENAMETOOLONG: f"{too_long}: choose a shorter path",
               errno.EACCES: "check its permissions", errno.EPERM: "check its permissions",
               errno.EROFS: "write somewhere else", errno.ENOSPC: "free some space or write somewhere else",
               errno.EISDIR: "move that folder aside or choose another path",
@@ -274,25 +277,32 @@ def write_samples(source: Path, n: int, out: Path, seed: int, device: str) -> No
         raise ValueError(f"not enough memory to build the model of {path}: sample it on a bigger machine") from None
     state = checkpoint.conform(path, loaded, template)
     too_many = f"not enough memory for {n:,} samples at once: ask for fewer with --n"
-    needed = n * math.prod(shape) * 4  # the float32 samples
-    if out.suffix == ".png" and kind == "image":  # and their grid, enlarged 8x for 8x8 digits
-        needed += plots.image_grid_bytes(n, *shape, scale=plots.upscale_for_viewing(max(shape[-2:])))
-        too_many = (f"not enough memory for a picture of {n:,} samples: ask for fewer with --n, or write "
-                    "them to FILE.safetensors")
-    if needed > physical_memory_bytes():
+    too_big_a_picture = (f"not enough memory for a picture of {n:,} samples: ask for fewer with --n, or write "
+                         "them to FILE.safetensors")
+    picture = out.suffix == ".png" and kind == "image"
+    scale = plots.upscale_for_viewing(max(shape[-2:])) if kind == "image" else 1  # 8x for 8x8 digits
+    samples_bytes = n * math.prod(shape) * 4  # float32
+    if samples_bytes > physical_memory_bytes():
         raise ValueError(too_many)
+    if picture and samples_bytes + plots.image_grid_bytes(n, *shape, scale=scale) > physical_memory_bytes():
+        raise ValueError(too_big_a_picture)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ValueError(f"cannot create the folder of --out {out} ({error.strerror}): choose another --out") from None
     try:
         samples = family.generate(state, config, shape, n, rng.generator(seed, "sample")).cpu()
+    except (RuntimeError, MemoryError) as error:
+        if not out_of_memory(error):
+            raise
+        raise ValueError(too_many) from None
+    try:
         with checkpoint.replacing(out) as temporary:  # a write that fails leaves nothing behind
             if out.suffix == ".safetensors":
                 save_file({"samples": samples.contiguous()}, temporary,
                           metadata={"model": metadata["model"], "step": str(metadata["step"])})
             elif kind == "image":
-                plots.image_grid(samples, temporary, scale=plots.upscale_for_viewing(max(shape[-2:])))
+                plots.image_grid(samples, temporary, scale=scale)
             else:
                 reference = data.load(config.data, config.data_dir, config.seed).test[:n]
                 plots.scatter(samples, temporary, reference=reference,
@@ -300,7 +310,7 @@ def write_samples(source: Path, n: int, out: Path, seed: int, device: str) -> No
     except (RuntimeError, MemoryError) as error:
         if not out_of_memory(error):
             raise
-        raise ValueError(too_many) from None
+        raise ValueError(too_big_a_picture if picture else too_many) from None
 
 
 def out_of_memory(error: BaseException) -> bool:

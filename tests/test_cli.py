@@ -330,7 +330,8 @@ def test_an_allocator_out_of_memory_while_sampling_is_one_line(run, tmp_path, mo
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
     monkeypatch.setattr(models, "get", lambda name: vae._replace(generate=exhausted))
     assert cli.physical_memory_bytes() > 64 * 64 * 4
-    assert_one_line_error(gen("sample", run, "--out", tmp_path / "x.png"), "not enough memory for a picture of 64 ")
+    # the samples themselves did not fit: a .safetensors file would not help
+    assert_one_line_error(gen("sample", run, "--out", tmp_path / "x.png"), "not enough memory for 64 samples at once")
     assert not list(tmp_path.iterdir())
 
     def half_written(samples, path, **kwargs):  # the picture's writer runs out halfway
@@ -350,6 +351,9 @@ def test_system_errors_name_the_file_and_what_to_do(run, tmp_path):
                           "255 bytes: choose a shorter path")
     assert_one_line_error(gen("sample", run, "--out", f"{long_name}.png"), "File name too long; a file or folder")
     assert not list(tmp_path.iterdir())
+    long_path = tmp_path.joinpath(*["c" * 250] * 20)  # every name within 255 bytes, the whole past 4,095
+    assert_one_line_error(gen("train", "vae", "--steps", 1, "--no-compile", "--no-progress", "--out", long_path),
+                          "File name too long; a path may have at most 4,095 bytes: choose a shorter path")
 
 
 def test_a_picture_too_big_for_memory_is_refused_before_sampling(run, tmp_path, monkeypatch):
