@@ -4,7 +4,6 @@ disagrees with the CPU's flags is never recorded."""
 import json
 
 import pytest
-
 import torch
 
 from gen import vector_isa
