@@ -261,6 +261,7 @@ def make_step(config: Config, shape: tuple):
     def discriminator_objective(d_params, d_state, real, fake, epsilon):
         real_logits, d_state = apply_discriminator(d_params, d_state, real, True)
         fake_logits, d_state = apply_discriminator(d_params, d_state, fake, True)
+        real_logits, fake_logits = nn.at_least_float32(real_logits), nn.at_least_float32(fake_logits)
         loss = discriminator_loss(real_logits, fake_logits)                  # (B / pack,)
         metrics = {"d_loss": loss.mean(), "d_real": real_logits.mean(), "d_fake": fake_logits.mean()}
         if penalised:
@@ -281,7 +282,7 @@ def make_step(config: Config, shape: tuple):
         n_critic = 1, three advances a step). D's running statistics are never read (only G is run
         for sampling); D's params do not move."""
         fake_logits, d_state = apply_discriminator(d_params, d_state, fake, True)
-        loss = generator_loss(fake_logits).mean()
+        loss = generator_loss(nn.at_least_float32(fake_logits)).mean()
         return loss, ({"g_loss": loss}, d_state)
 
     def generator_objective(g_params, g_state, d_params, d_state, z):

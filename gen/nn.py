@@ -220,3 +220,15 @@ def spectral_normalize(weight: Tensor, state: Params, n_power_iterations: int = 
                 u = F.normalize(matrix @ v, dim=0, eps=eps)
         sigma = torch.dot(u, matrix @ v)
     return weight / sigma, {"u": u}
+
+
+# --- precision --------------------------------------------------------------------
+
+
+def at_least_float32(t: Tensor) -> Tensor:
+    """t in float32 when it is bfloat16/float16 (float64 stays): what a loss is computed from.
+    Under `--precision bf16` the networks' outputs come out of autocast in bfloat16, and CPU
+    autocast leaves exp, sum, softplus and (inside vmap, where it decomposes) BCE-with-logits in
+    it: a VAE's KL and log-weights, a GAN's losses, would carry bf16's 3 significant digits
+    (tenths of a nat for the VAEs). Only the matmuls and convolutions are meant to run in bf16."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))

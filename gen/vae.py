@@ -24,15 +24,6 @@ from gen.tree import Params, Tree, take, with_prefix
 # --- probabilistic pieces ------------------------------------------------------------
 
 
-def at_least_float32(t: Tensor) -> Tensor:
-    """t in float32 when it is bfloat16/float16 (float64 stays). Under `--precision bf16` the
-    encoder's and decoder's outputs come out of autocast in bfloat16, and CPU autocast leaves exp,
-    sum and (inside vmap, where it decomposes) BCE-with-logits in it: the KL and the log-weights
-    would carry bf16's 3 significant digits (tenths of a nat at these sizes). Only the matmuls
-    and convolutions are meant to run in bf16."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
 def gaussian_sample(mean: Tensor, log_variance: Tensor, eps: Tensor) -> Tensor:
     """Reparameterisation (Kingma & Welling 2014, §2.4): z = μ + σ ⊙ ε, ε ~ N(0, I)."""
     return mean + torch.exp(0.5 * log_variance) * eps
@@ -51,7 +42,7 @@ def gaussian_log_density(z: Tensor, mean: Tensor, log_variance: Tensor) -> Tenso
 
 def bernoulli_log_likelihood(logits: Tensor, x: Tensor) -> Tensor:
     """log p(x|z) = Σ_i x_i log p_i + (1 - x_i) log(1 - p_i), p = sigmoid(logits): minus the summed BCE."""
-    bce = F.binary_cross_entropy_with_logits(at_least_float32(logits), x, reduction="none")
+    bce = F.binary_cross_entropy_with_logits(nn.at_least_float32(logits), x, reduction="none")
     return -bce.flatten(1).sum(1)  # (B,)
 
 
@@ -136,7 +127,7 @@ def negative_elbo(encode, decode, params: Params, x: Tensor, eps: Tensor, beta: 
 
     One sample z = μ + σε estimates the reconstruction term; the KL is exact.
     Returns per-example tensors."""
-    mean, log_variance = map(at_least_float32, encode(params, x))
+    mean, log_variance = map(nn.at_least_float32, encode(params, x))
     logits = decode(params, gaussian_sample(mean, log_variance, eps))
     reconstruction = -bernoulli_log_likelihood(logits, x)
     kl = gaussian_kl(mean, log_variance)
@@ -148,7 +139,7 @@ def negative_iwae_bound(encode, decode, params: Params, x: Tensor, eps: Tensor) 
 
     eps is (k, B, latent); the k log-weights come from one `vmap` over it.
     L_1 is the ELBO and L_k rises towards log p(x) as k grows."""
-    mean, log_variance = map(at_least_float32, encode(params, x))
+    mean, log_variance = map(nn.at_least_float32, encode(params, x))
 
     def log_weight(eps_i: Tensor) -> Tensor:
         z = gaussian_sample(mean, log_variance, eps_i)

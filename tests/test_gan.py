@@ -448,3 +448,25 @@ def test_cli_trains_gan_on_ring8_and_logs_mode_coverage(tmp_path):
     assert (out / "samples.png").exists()
     result = CliRunner().invoke(app, ["sample", str(out), "--n", "16", "--out", str(tmp_path / "s.png")])
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("model", ["dcgan", "gan"])
+def test_losses_are_computed_in_float32_from_bf16_logits(model, monkeypatch):
+    """Under `--precision bf16` D's logits come out of autocast in bfloat16; the losses (softplus,
+    mean) must still be float32, else d_loss and g_loss carry bf16's 3 significant digits."""
+    from gen.device import autocast_step
+    seen = []
+    d_loss, g_loss = gan.LOSSES["non-saturating"]
+
+    def recording_d_loss(real_logits, fake_logits):
+        seen.append((real_logits.detach(), fake_logits.detach()))
+        return d_loss(real_logits, fake_logits)
+    monkeypatch.setitem(gan.LOSSES, "non-saturating", (recording_d_loss, lambda f: seen.append((f.detach(),)) or g_loss(f)))
+    shape = (1, 8, 8) if model == "dcgan" else (2,)
+    config = family_config(model, batch_size=8, precision="bf16", gan_loss="non-saturating")
+    step = autocast_step(gan.make_step(config, shape), torch.device("cpu"))
+    _, metrics = step(gan.init(config, shape, 0), torch.rand(8, *shape), noise(config, shape, 8))
+    assert seen and all(logits.dtype == torch.float32 for call in seen for logits in call)
+    real, fake = (logits.double() for logits in seen[0])
+    expected = (torch.nn.functional.softplus(-real) + torch.nn.functional.softplus(fake)).mean()
+    torch.testing.assert_close(metrics["d_loss"].double(), expected, rtol=1e-6, atol=1e-6)
