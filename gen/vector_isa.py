@@ -14,10 +14,14 @@ skipped too (`vector_isas`). WGAN-GP b256 warm compile, four probes each, altern
 4.37-4.93 -> 4.25-4.62 s.
 
 A CPU flag the compiler cannot build for is dropped by the probe; a record is written only
-when the probe agrees with the flags, so such a flag is never trusted.
+when the probe agrees with the flags, so such a flag is never trusted. The record names the
+torch version, the CPU's flags and the compiler (its file), and is trusted only by a process
+that matches all three.
 """
 
 import json
+import os
+import shutil
 from contextlib import nullcontext
 from pathlib import Path
 from unittest import mock
@@ -41,7 +45,8 @@ def trusted_vector_isa(cache_dir: str | Path | None = None) -> list[str]:
     from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir
 
     record_path = Path(cache_dir or inductor_cache_dir()) / VECTOR_ISA_RECORD
-    identity = {"torch": torch.__version__, "cpu_flags": sorted(cpu_vec_isa.x86_isa_checker())}
+    identity = {"torch": torch.__version__, "cpu_flags": sorted(cpu_vec_isa.x86_isa_checker()),
+                "compiler": compiler_identity()}
     try:
         record = json.loads(record_path.read_text())
     except (OSError, ValueError):
@@ -59,6 +64,21 @@ def trusted_vector_isa(cache_dir: str | Path | None = None) -> list[str]:
         except OSError:
             pass  # a read-only cache: the probe simply runs again next time
     return probed
+
+
+def compiler_identity() -> list | None:
+    """The C++ compiler Inductor builds with, as [resolved path, size, modification time]: another
+    or an upgraded compiler (a cache directory shared between machines) may not build what this
+    one did, so its record is not trusted. Read from the file system; no process is run. None
+    where no compiler is found (the probe then decides, as always)."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    try:
+        compiler = get_cpp_compiler()
+        path = os.path.realpath(shutil.which(compiler) or compiler)
+        status = os.stat(path)
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return [path, status.st_size, int(status.st_mtime)]
 
 
 def vector_isas(probe: bool, trust_loads: bool = False) -> list[str]:

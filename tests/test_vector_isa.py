@@ -38,6 +38,13 @@ def test_vector_isa_probe_runs_once_per_cache_directory(tmp_path, monkeypatch):
     assert calls == [False, True]  # another torch wrote the record: probe again
     assert json.loads((tmp_path / vector_isa.VECTOR_ISA_RECORD).read_text())["torch"] == torch.__version__
 
+    (tmp_path / vector_isa.VECTOR_ISA_RECORD).write_text(json.dumps({**record, "compiler": ["/other/g++", 1, 2]}))
+    calls.clear()
+    vector_isa.trusted_vector_isa(tmp_path)
+    assert calls == [False, True]  # another compiler (a cache shared between machines): probe again
+    compiler = vector_isa.compiler_identity()
+    assert compiler is not None and json.loads((tmp_path / vector_isa.VECTOR_ISA_RECORD).read_text())["compiler"] == compiler
+
 
 def test_a_recorded_verdict_loads_no_test_library(tmp_path, monkeypatch):
     """With a matching record nothing is loaded in a child process, AVX-512's bf16 and VNNI
