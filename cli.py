@@ -233,6 +233,8 @@ def sample(
     """Draw N samples from a trained model."""
     try:
         write_samples(source, n, out, seed, device)
+    except KeyboardInterrupt:  # before expected_errors(), which imports gen (see info)
+        fail("interrupted; --out is left as it was", INTERRUPTED)
     except expected_errors() as error:
         fail(one_line(error))
     typer.echo(f"wrote {n} samples to {out}")
@@ -244,15 +246,16 @@ def write_samples(source: Path, n: int, out: Path, seed: int, device: str) -> No
     from gen import checkpoint, data, models, plots, rng
     from gen.config import Config, validate
     from gen.device import resolve_device
-    from gen.train import CHECKPOINT
     from gen.tree import to_device
 
     if n < 1:
         raise ValueError("--n must be at least 1")
-    if out.suffix not in (".png", ".safetensors"):
-        raise ValueError(f"cannot write '{out.suffix or out.name}': --out must end in .png or .safetensors")
-    path = source / CHECKPOINT if source.is_dir() else source
-    checkpoint.replace_target(out)  # not a directory or device: checked before the sampling work
+    if out.suffix not in (".png", ".safetensors"):  # ".png" alone is a hidden file's name, not a suffix
+        raise ValueError(f"cannot write '{out.name}': --out must be a file name ending in .png or .safetensors")
+    path = source / checkpoint.FILE_NAME if source.is_dir() else source
+    target = checkpoint.replace_target(out)  # not a directory or device: checked before the sampling work
+    if target.suffix != out.suffix:  # a link named x.png to metrics.jsonl would turn the log into a picture
+        raise ValueError(f"--out {out} links to {target}, which is not a {out.suffix} file: give another file name")
     if checkpoint.is_checkpoint(out):  # the source itself, or another run's state: never overwritten
         raise ValueError(f"--out {out} is a gen checkpoint; samples never replace one: give another file name")
     loaded, metadata = checkpoint.load(path)
@@ -307,6 +310,9 @@ def write_samples(source: Path, n: int, out: Path, seed: int, device: str) -> No
                 reference = data.load(config.data, config.data_dir, config.seed).test[:n]
                 plots.scatter(samples, temporary, reference=reference,
                               title=f"{config.model}, step {metadata['step']}")
+            if checkpoint.is_checkpoint(out):  # a run saved there while we sampled: keep its checkpoint
+                raise ValueError(f"--out {out} became a gen checkpoint while sampling; samples never replace "
+                                 "one: give another file name")
     except (RuntimeError, MemoryError) as error:
         if not out_of_memory(error):
             raise
@@ -342,13 +348,14 @@ def physical_memory_bytes() -> float:
 @app.command()
 def info(source: Annotated[Path, typer.Argument(help="a run folder or a checkpoint file")]) -> None:
     """Print a checkpoint's model, data, step, parameter count and config."""
-    from gen import checkpoint
-    from gen.train import CHECKPOINT
-    from gen.tree import leaves
-
-    path = source / CHECKPOINT if source.is_dir() else source
     try:
+        from gen import checkpoint
+        from gen.tree import leaves
+        path = source / checkpoint.FILE_NAME if source.is_dir() else source
         state, metadata = checkpoint.load(path)
+    # First: evaluating expected_errors() imports gen, which a Ctrl-C inside torch's import left half-made.
+    except KeyboardInterrupt:
+        fail("interrupted", INTERRUPTED)
     except expected_errors() as error:
         fail(one_line(error))
     params = state.get("params", {})

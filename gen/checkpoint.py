@@ -36,6 +36,9 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be used; the message says why and what to do."""
 
 
+FILE_NAME = "checkpoint.safetensors"  # a run folder's checkpoint (gen/train.py)
+
+
 def save(path: str | Path, state: Tree, metadata: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

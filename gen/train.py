@@ -47,7 +47,7 @@ from gen.config import Config, resolve, validate
 from gen.device import autocast_step, resolve_device, synchronize
 from gen.tree import leaves, to_device
 
-CHECKPOINT = "checkpoint.safetensors"
+CHECKPOINT = checkpoint.FILE_NAME
 LOCK = ".lock"  # held (flock) by the process writing into a run folder
 
 

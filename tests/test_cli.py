@@ -312,7 +312,8 @@ def test_existing_run_wrong_model_and_bad_output_name(run, tmp_path):
     assert_one_line_error(gen("train", "vae", "--steps", 1, "--out", run / "config.json" / "deeper", "--no-compile"),
                           "cannot create the run folder")
     assert_one_line_error(gen("train", "conv-vae", "--resume", "--out", run), "holds a 'vae' run")
-    assert_one_line_error(gen("sample", run, "--out", tmp_path / "x.jpg"), "must end in .png or .safetensors")
+    assert_one_line_error(gen("sample", run, "--out", tmp_path / "x.jpg"), "ending in .png or .safetensors")
+    assert_one_line_error(gen("sample", run, "--out", tmp_path / ".png"), "cannot write '.png': --out must be a file name")
     assert_one_line_error(gen("sample", run, "--n", "0", "--out", tmp_path / "x.png"), "--n must be at least 1")
     # 10^12 digits would take 256 TB: refused by the allocator, reported as one line, nothing written
     assert_one_line_error(gen("sample", run, "--n", 10**12, "--out", tmp_path / "x.safetensors"),
@@ -354,6 +355,47 @@ def test_system_errors_name_the_file_and_what_to_do(run, tmp_path):
     long_path = tmp_path.joinpath(*["c" * 250] * 20)  # every name within 255 bytes, the whole past 4,095
     assert_one_line_error(gen("train", "vae", "--steps", 1, "--no-compile", "--no-progress", "--out", long_path),
                           "File name too long; a path may have at most 4,095 bytes: choose a shorter path")
+
+
+def test_sample_never_replaces_a_checkpoint_or_a_file_behind_a_link(run, tmp_path, monkeypatch):
+    """A checkpoint saved at --out while samples are drawn (a run started there) is kept; a link
+    named like a picture to another kind of file (metrics.jsonl) is refused before any work."""
+    from gen import checkpoint, models
+    vae = models.get("vae")
+    saved = run / "checkpoint.safetensors"
+
+    def generate_while_a_run_saves(state, config, shape, n, generator):
+        (tmp_path / "model.safetensors").write_bytes(saved.read_bytes())
+        return vae.generate(state, config, shape, n, generator)
+    monkeypatch.setattr(models, "get", lambda name: vae._replace(generate=generate_while_a_run_saves))
+    assert_one_line_error(gen("sample", run, "--out", tmp_path / "model.safetensors"),
+                          "became a gen checkpoint while sampling; samples never replace one")
+    assert (tmp_path / "model.safetensors").read_bytes() == saved.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]  # no temporary file left
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    (tmp_path / "view.png").symlink_to(tmp_path / "metrics.jsonl")
+    assert_one_line_error(gen("sample", run, "--out", tmp_path / "view.png"),
+                          f"links to {tmp_path / 'metrics.jsonl'}, which is not a .png file")
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert checkpoint.is_checkpoint(tmp_path / "model.safetensors")
+
+
+def test_ctrl_c_in_sample_or_info_is_one_line_without_importing_more(run, tmp_path, monkeypatch):
+    """A Ctrl-C inside torch's import leaves it half-made; the error handling must not import gen
+    (expected_errors() does) on the way out: that printed a page of unrelated tracebacks."""
+    import cli
+    from gen import checkpoint
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "expected_errors", lambda: pytest.fail("expected_errors() was evaluated"))
+    monkeypatch.setattr(cli, "write_samples", interrupted)
+    monkeypatch.setattr(checkpoint, "load", interrupted)
+    for args, message in ((("sample", run, "--out", tmp_path / "x.png"), "error: interrupted; --out is left as it was"),
+                          (("info", run), "error: interrupted")):
+        result = gen(*args)
+        assert result.exit_code == 130 and result.stderr.strip() == message, result.output
 
 
 def test_a_picture_too_big_for_memory_is_refused_before_sampling(run, tmp_path, monkeypatch):
