@@ -177,6 +177,22 @@ def test_a_json_path_holding_a_gen_checkpoint_is_refused_before_the_run(tmp_path
     assert path.read_bytes() == before
 
 
+def test_a_json_path_that_is_a_stream_or_a_runs_own_file_is_refused(tmp_path, monkeypatch):
+    """`--json /dev/stdout >> log.txt` resolves to log.txt, which the results would have replaced
+    whole; a run folder's metrics.jsonl or config.json would have lost the run's log or settings."""
+    from gen import checkpoint
+    monkeypatch.setattr(harness, "run", lambda *args, **kwargs: pytest.fail("the run started"))
+    for stream in ("/dev/stdout", "/dev/stderr", "/dev/fd/1", "/proc/self/fd/1", f"/proc/{os.getpid()}/fd/2"):
+        with pytest.raises(ValueError, match=f"--json {stream} is one of the process's streams, not a file"):
+            harness.main(models=["gan-2d"], json_path=stream)
+    checkpoint.save(tmp_path / checkpoint.FILE_NAME, {"w": torch.ones(2)}, {"model": "vae"})
+    for name in ("metrics.jsonl", "config.json", "summary.json"):
+        (tmp_path / name).write_text("mine\n")
+        with pytest.raises(ValueError, match=f"is a gen run's own {name}, which the results would replace"):
+            harness.main(models=["gan-2d"], json_path=str(tmp_path / name))
+        assert (tmp_path / name).read_text() == "mine\n"
+
+
 def test_json_paths_that_are_not_plain_new_or_regular_files(tmp_path, monkeypatch):
     """A symbolic link is followed (its file replaced, the link kept); a pipe or device is refused,
     not replaced by a regular file; an empty name or a file where a directory should be is refused

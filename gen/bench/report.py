@@ -86,14 +86,28 @@ def json_target(json_path: str) -> Path:
     return target
 
 
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json")  # what a run folder holds beside its checkpoint
+
+
 def refuse_to_replace(json_path: str) -> None:
     """Refuse an existing --json that the results must not replace: a device, pipe or socket
-    (/dev/null, /dev/stdout) or a gen checkpoint."""
+    (/dev/null), one of the process's streams (/dev/stdout, /proc/self/fd/1), a gen checkpoint or
+    a run folder's own files."""
     path = Path(json_path)
+    parts = Path(os.path.abspath(path)).parts
+    # The process's own streams: /dev/stdout redirected to a log (`>> log.txt`) resolves to that
+    # file, which the results, renamed over it, would replace whole.
+    if parts[1:3] in (("dev", "stdout"), ("dev", "stderr"), ("dev", "stdin"), ("dev", "fd")) or \
+            (parts[1:2] == ("proc",) and "fd" in parts[2:4]):
+        raise ValueError(f"--json {json_path} is one of the process's streams, not a file: give a file name, "
+                         "e.g. bench.json")
     try:
-        checkpoint.replace_target(path)
+        target = checkpoint.replace_target(path)
     except OSError as error:
         raise ValueError(f"--json: {error}, e.g. bench.json") from None
+    if target.name in RUN_FILES and checkpoint.is_checkpoint(target.parent / checkpoint.FILE_NAME):
+        raise ValueError(f"--json {json_path} is a gen run's own {target.name}, which the results would replace: "
+                         "give another file name, e.g. bench.json")
     if checkpoint.is_checkpoint(path):  # a training state: never overwritten, as gen sample refuses too
         raise ValueError(f"--json {json_path} is a gen checkpoint, which the results would replace: "
                          "give another file name, e.g. bench.json")
