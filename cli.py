@@ -143,6 +143,8 @@ def train(
     # its own copy of click's ParameterSource enum.)
     given = {name: value for name, value in arguments.items()
              if getattr(context.get_parameter_source(name), "name", None) == "COMMANDLINE"}
+    if data_dir:  # kept absolute, as a --data directory is: a resume from elsewhere finds the same files
+        data_dir = str(Path(data_dir).resolve())
     try:
         models.get(model)  # an unknown name first: the option checks below would blame an option
         if resume:

@@ -1,5 +1,6 @@
 """The command line end to end: gen train / sample / info, and a one-line error for every bad input."""
 
+import json
 import os
 import subprocess
 import sys
@@ -229,6 +230,9 @@ def test_resume_keeps_how_the_run_runs_and_reports_unless_given_again(tmp_path):
     (["train", "vae", "--data", "nope"], "unknown data set 'nope'"),
     (["train", "vae", "--data", "/nonexistent/idx"], "data directory '/nonexistent/idx' does not exist"),
     (["train", "vae", "--data", "mnist", "--data-dir", "/nonexistent"], "mnist not found"),
+    # not the system's copy in its place: a mistyped --data-dir had trained on other data, silently
+    (["train", "vae", "--data", "fashion-mnist", "--data-dir", "/nonexistent/typo"],
+     "fashion-mnist not found (looked in: /nonexistent/typo)"),
     (["train", "vea", "--beta", "2"], "unknown model 'vea'"),  # the typo named, not --beta
     (["train", "vae", "--data", "mnis", "--data-dir", "/tmp"], "unknown data set 'mnis'"),
     (["train", "sngan", "--data", "nope", "--hidden-dim", "7"], "unknown data set 'nope'"),
@@ -590,6 +594,20 @@ def test_iwae_and_conv_vae_train_from_the_cli(tmp_path):
         result = gen("train", model, *extra, "--steps", 5, "--no-compile", "--no-progress", "--out", tmp_path / model)
         assert result.exit_code == 0, result.output
     assert "test_iwae_loss" in (tmp_path / "vae" / "metrics.jsonl").read_text()
+
+
+def test_a_relative_data_dir_is_kept_absolute(tmp_path, monkeypatch):
+    """As a --data directory is: a resume from another working directory finds the same files."""
+    (tmp_path / "idx").mkdir()
+    write_idx_dir(tmp_path / "idx", n_train=24, size=8)
+    monkeypatch.chdir(tmp_path)
+    result = gen("train", "vae", "--data", "mnist", "--data-dir", "idx", "--batch-size", 4, "--steps", 2,
+                 "--no-compile", "--no-progress", "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data_dir"] == str(tmp_path / "idx")
+    monkeypatch.chdir(tmp_path / "run")
+    result = gen("train", "vae", "--resume", "--steps", 4, "--no-compile", "--no-progress", "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
 
 
 @pytest.mark.skipif(not data.FASHION_MNIST_SYSTEM_DIR.exists(), reason="dataset-fashion-mnist not installed")
