@@ -299,11 +299,12 @@ def _run_lock(out: Path) -> Iterator[None]:
         yield
         return
     lock = out / LOCK
-    try:  # read-only: flock needs no write access, and another user's run may have made the file
-        descriptor = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o666)
+    try:  # read-only: flock needs no write access, and another user's run may have made the file;
+        # not through a symbolic link, which would create a file outside the run folder
+        descriptor = os.open(lock, os.O_RDONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
     except OSError as error:
-        raise ValueError(f"cannot open the run folder's lock file {lock} ({error.strerror}): check the "
-                         "folder's permissions") from None
+        raise ValueError(f"cannot open the run folder's lock file {lock} ({error.strerror}): remove it if it "
+                         "is not an empty file gen made, else check the folder's permissions") from None
     try:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -342,6 +342,20 @@ def test_a_checkpoint_written_while_a_new_run_starts_is_not_overwritten(tmp_path
     assert (tmp_path / "run" / training.CHECKPOINT).read_bytes() == theirs
 
 
+def test_a_lock_file_that_is_a_folder_or_a_link_is_named(tmp_path):
+    """A link would have created a file wherever it pointed; a folder had been blamed on permissions."""
+    config = Config(model="vae", steps=2, compile=False)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / training.LOCK).mkdir()
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / training.LOCK).symlink_to(tmp_path / "elsewhere")
+    for out in (tmp_path / "run", tmp_path / "linked"):
+        with pytest.raises(ValueError, match=f"cannot open the run folder's lock file {out / training.LOCK} .*: "
+                                             "remove it if it is not an empty file gen made"):
+            training.train(config, out, show_progress=False)
+    assert not (tmp_path / "elsewhere").exists()
+
+
 def test_without_flock_a_run_goes_unguarded_and_its_errors_stay_its_own(tmp_path, monkeypatch):
     """Windows has no fcntl: runs train, and an error inside one is not chained to the failed import."""
     monkeypatch.setitem(sys.modules, "fcntl", None)
