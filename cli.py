@@ -334,17 +334,10 @@ def out_of_memory(error: BaseException) -> bool:
 
 
 def physical_memory_bytes() -> float:
-    """The memory this process may use: the machine's RAM, or less under a cgroup (container)
-    limit; infinite where the OS says neither."""
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        ram = math.inf
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()  # cgroup v2; "max": no limit
-    except OSError:
-        return ram
-    return min(ram, int(limit)) if limit.isdigit() else ram
+    """The memory this process may use (gen.device.physical_memory_bytes); a name here so tests can
+    stand in a smaller machine."""
+    from gen.device import physical_memory_bytes as memory
+    return memory()
 
 
 @app.command()

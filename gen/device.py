@@ -2,6 +2,9 @@
 shared by `gen train`, `gen sample` and `gen bench`."""
 
 import functools
+import math
+import os
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -41,3 +44,24 @@ def autocast_step(step: Callable, device: torch.device) -> Callable:
         # A mean of bfloat16 logits is bfloat16 (3 significant digits): log metrics as float32.
         return new_state, {name: value.float() for name, value in metrics.items()}
     return step_bf16
+
+
+def physical_memory_bytes() -> float:
+    """The memory this process may use: the machine's RAM, or less under a cgroup (container)
+    limit; infinite where the OS says neither."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        ram = math.inf
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()  # cgroup v2; "max": no limit
+    except OSError:
+        return ram
+    return min(ram, int(limit)) if limit.isdigit() else ram
+
+
+def memory_bytes(device: torch.device) -> float:
+    """The memory a device offers: a GPU's own, or for the CPU what this process may use."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return physical_memory_bytes()

@@ -287,6 +287,21 @@ def test_a_batch_size_the_model_cannot_use_is_refused_before_timing(monkeypatch)
             bench.plan(entries, sizes)
 
 
+def test_a_group_too_big_for_memory_is_refused_before_timing(monkeypatch):
+    """Past the machine's memory the kernel kills the process, with no message and no JSON: a group
+    whose input pool and state alone would not fit is refused first, vmap-N's N copies counted."""
+    monkeypatch.setattr(harness, "time_group", lambda *args, **kwargs: pytest.fail("a group was timed"))
+    monkeypatch.setattr(harness, "matmul_samplers", lambda *args, **kwargs: pytest.fail("the peak was timed"))
+    monkeypatch.setattr(harness, "memory_bytes", lambda device: 1e9)
+    with pytest.raises(ValueError, match=r"^vae b100000 needs more than 1.3 GB, and this CPU has 1.0 GB: use a "
+                                         r"smaller batch size$"):
+        bench.run(["vae:100000"], None, 1, 1, "cpu", ["eager"], measure_compile=False)
+    # the VAE's state (params, Adam's two moments and its count) is about 2M floats: 16 MB with its update
+    with pytest.raises(ValueError, match=r"^vae b2, 100 models at once needs more than 1\.[0-9] GB, .* or fewer "
+                                         r"models \(vmap-N\)$"):
+        bench.run(["vae:2"], None, 1, 1, "cpu", ["eager", "vmap-100"], measure_compile=False)
+
+
 def test_a_run_with_no_mode_left_is_refused(capsys):
     with pytest.raises(ValueError, match="no mode left to run on this device"):
         bench.available_modes(["compiled-ro"], "cpu")

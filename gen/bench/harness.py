@@ -3,6 +3,7 @@ rounds, turn failures into error rows; `main` runs it and writes the table and t
 (gen/bench/report.py)."""
 
 import json
+import math
 import os
 import time
 import traceback
@@ -13,12 +14,13 @@ import torch
 
 from gen import checkpoint, compilation, models
 from gen.bench.compile_time import compile_seconds
-from gen.config import MAX_SIZE
 from gen.bench.machine import fastest, keep_freed_memory, machine, matmul_samplers, peak_memory_mb, time_mode
-from gen.bench.modes import CUDA_MODES, EXTRA_MODES, MODELS, MODES, PEERS_DIR, flops_per_step, load_peers, \
-    make_runner, model_config
+from gen.bench.modes import CUDA_MODES, EXTRA_MODES, MODELS, MODES, PEERS_DIR, POOL, flops_per_step, \
+    load_peers, make_runner, model_config
 from gen.bench.report import json_target, print_table, refuse_to_replace, speedups
-from gen.device import resolve_device
+from gen.config import MAX_SIZE
+from gen.device import memory_bytes, resolve_device
+from gen.tree import leaves
 
 
 def available_modes(modes: list[str] | None, device: torch.device | str = "cpu") -> list[str]:
@@ -80,6 +82,23 @@ def plan(names: list[str] | None, batch_sizes: list[int] | None) -> list[tuple[s
         except ValueError as error:
             raise ValueError(f"{model} b{batch_size}: {error}") from None
     return list(dict.fromkeys(groups))  # a group named twice is timed once
+
+
+def check_memory(model: str, batch_size: int, members: int, device: torch.device) -> None:
+    """Refuse a group whose input pool and state alone would not fit in the device's memory: past it
+    the kernel kills the process (no message, no JSON). Activations, left out, only add to it.
+
+        bytes ≈ members · (POOL · batches_per_step · B · |example| + 2 · |state|) · 4"""
+    family, config, shape = model_config(model, batch_size)
+    inputs = POOL * family.batches_per_step(config) * batch_size * math.prod(shape)
+    state = sum(leaf.numel() for leaf in leaves(family.init(config, shape, 0)))  # params and optimizer moments
+    needed = members * (inputs + 2 * state) * 4  # float32; the state and the update written beside it
+    available = memory_bytes(device)
+    if needed > available:
+        models_part = f", {members:,} models at once" if members > 1 else ""
+        raise ValueError(f"{model} b{batch_size}{models_part} needs more than {needed / 1e9:,.1f} GB, and this "
+                         f"{device.type.upper()} has {available / 1e9:,.1f} GB: use a smaller batch size"
+                         + (" or fewer models (vmap-N)" if members > 1 else ""))
 
 
 def report(log: Callable[[str], None], where: str, error: BaseException) -> str:
@@ -173,6 +192,9 @@ def run(models_: list[str] | None, batch_sizes: list[int] | None, steps: int, re
     device = torch.device(device)
     modes = available_modes(modes, device)
     groups = plan(models_, batch_sizes)
+    members = max([int(mode[5:]) for mode in modes if mode.startswith("vmap-")] or [1])
+    for model, batch_size in groups:
+        check_memory(model, batch_size, members, device)
     out_of_time = (lambda: False) if deadline is None else (lambda: time.monotonic() >= deadline)
     # The peak is sampled at the start and once in every timing round, so it sees the same
     # machine load as the modes; rows get the median of all samples, filled in at the end.
