@@ -20,6 +20,7 @@ appends everything printed to OUT_DIR/cuda.log.
 """
 
 import argparse
+import math
 import json
 import signal
 import subprocess
@@ -57,8 +58,18 @@ def main() -> None:
         remaining = plan(args.plan, None)  # MODEL alone: its default batch sizes
     except ValueError as error:
         sys.exit(f"error: --plan: {error}")
-    args.out.mkdir(parents=True, exist_ok=True)
+    for name in ("total", "margin"):  # before bench/run.py, which would name its own --time-budget
+        if not math.isfinite(getattr(args, name)) or getattr(args, name) < 0:
+            sys.exit(f"error: --{name} {getattr(args, name)} is not a non-negative number of seconds")
+    # Absolute: the harness runs from the repository root, where a relative OUT would be another folder.
+    args.out = args.out.resolve()
     log_path = args.out / "cuda.log"
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        with log_path.open("a"):
+            pass
+    except OSError as error:
+        sys.exit(f"error: cannot write into {args.out} ({error.strerror}): give another OUT_DIR")
     start = time.monotonic()
 
     def say(line: str) -> None:

@@ -676,6 +676,12 @@ def test_cuda_driver_reads_its_plan_as_gen_bench_reads_models(tmp_path):
         done = subprocess.run(cuda + ["--plan", *entries], capture_output=True, text=True)
         assert done.returncode != 0 and done.stderr.startswith(error) and done.stderr.count("\n") == 1, done.stderr
         assert not (tmp_path / "out").exists()
+    (tmp_path / "a-file").write_text("")
+    for args, error in (([str(tmp_path / "a-file"), "--plan", "vae"], f"error: cannot write into {tmp_path / 'a-file'} "),
+                        ([str(tmp_path / "out"), "--total", "nan"], "error: --total nan is not a non-negative number"),
+                        ([str(tmp_path / "out"), "--margin", "-1"], "error: --margin -1.0 is not a non-negative")):
+        done = subprocess.run([*cuda[:2], *args, "--device", "cpu"], capture_output=True, text=True)
+        assert done.returncode != 0 and done.stderr.startswith(error) and done.stderr.count("\n") == 1, done.stderr
     # A model alone gets its default batch sizes (here refused at once by the harness, for an unknown mode).
     done = subprocess.run(cuda + ["--plan", "gan-2d", "vae:8,16", "--mode", "fast"], capture_output=True, text=True,
                           env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
