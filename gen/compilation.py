@@ -211,7 +211,7 @@ def _recording(graph: dict, args: tuple, before: tuple, result) -> dict | None:
     sources = [(position.get(id(t), -1), None if id(t) in position else t) for t in graph["inputs"]]
     outputs = {id(t): i for i, t in enumerate(graph["outputs"]) if isinstance(t, torch.Tensor)}
     results = []
-    for leaf in _leaves(result):
+    for leaf in _flatten(result)[0]:
         if isinstance(leaf, torch.Tensor):
             if id(leaf) not in outputs:
                 return None  # not a graph output (e.g. an argument handed back): Dynamo rebuilds it
@@ -230,9 +230,10 @@ _TENSOR = object()  # a tensor leaf's place in _flatten's tree
 
 
 def _flatten(tree) -> tuple[list, list]:
-    """(`_leaves(tree)`, the tree without its tensors): the tree as a flat list, each dict as
-    its keys in order, each list or tuple as its type and length, each tensor as a mark and
-    each other leaf as its type and value (2, 2.0 and True are equal but trace differently)."""
+    """(the leaves of nested dicts, lists and tuples, depth first in order; the tree without its
+    tensors): the tree as a flat list, each dict as its keys in order, each list or tuple as its
+    type and length, each tensor as a mark and each other leaf as its type and value (2, 2.0 and
+    True are equal but trace differently)."""
     leaves, shape = [], []
 
     def walk(node):
@@ -256,15 +257,6 @@ def _aliasing(tensors: list) -> list[int]:
     that passed one tensor twice takes it once, so it fits only calls that do the same."""
     first: dict[int, int] = {}
     return [first.setdefault(id(t), i) for i, t in enumerate(tensors)]
-
-
-def _leaves(tree) -> list:
-    """Every leaf of nested dicts, lists and tuples, depth first in order."""
-    if isinstance(tree, dict):
-        return [leaf for value in tree.values() for leaf in _leaves(value)]
-    if isinstance(tree, (list, tuple)):
-        return [leaf for value in tree for leaf in _leaves(value)]
-    return [tree]
 
 
 def _rebuild(template, values):
