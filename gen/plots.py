@@ -26,8 +26,7 @@ def image_grid(images: Tensor, path: str | Path, columns: int | None = None, sca
     pixels = torch.nan_to_num(images.detach().float().cpu(), nan=0.0).clamp_(0, 1).mul_(255).round_()
     pixels = pixels.to(torch.uint8)
     n, channels, height, width = pixels.shape
-    columns = columns or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / columns)
+    rows, columns = grid_layout(n, columns)
     # Each tile carries its white line below and to its right; the last row's and column's are cut
     # off, so a grid is rows·(H + 1) - 1 by columns·(W + 1) - 1 pixels (before scaling).
     padded = torch.full((rows * columns, channels, height + 1, width + 1), 255, dtype=torch.uint8)
@@ -39,13 +38,18 @@ def image_grid(images: Tensor, path: str | Path, columns: int | None = None, sca
     picture.save(path, format="PNG")
 
 
+def grid_layout(n: int, columns: int | None = None) -> tuple[int, int]:
+    """(rows, columns) of a grid of n images: as square as it can be unless `columns` is given."""
+    columns = columns or math.ceil(math.sqrt(n))
+    return math.ceil(n / columns), columns
+
+
 def image_grid_bytes(n: int, channels: int, height: int, width: int, scale: int = 1) -> int:
     """An upper bound on the memory `image_grid` takes for n images of (channels, height, width),
     beyond the images themselves: one float32 copy of them (4 bytes a value), then in 8 bits the
     images, the padded tiles, the grid and the picture handed to Pillow (a byte a value each, every
     one at most a tile count), and the enlarged picture twice (itself and the PNG encoder's rows)."""
-    columns = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / columns)
+    rows, columns = grid_layout(n)
     tiles = rows * columns * channels * (height + 1) * (width + 1)
     return 4 * n * channels * height * width + 4 * tiles + 2 * tiles * scale * scale
 
