@@ -245,6 +245,7 @@ def sample(
 def write_samples(source: Path, n: int, out: Path, seed: int, device: str) -> None:
     from safetensors.torch import save_file
 
+    import gen.device
     from gen import checkpoint, data, models, plots, rng
     from gen.config import Config, validate
     from gen.device import resolve_device
@@ -254,7 +255,7 @@ def write_samples(source: Path, n: int, out: Path, seed: int, device: str) -> No
         raise ValueError("--n must be at least 1")
     if out.suffix not in (".png", ".safetensors"):  # ".png" alone is a hidden file's name, not a suffix
         raise ValueError(f"cannot write '{out.name}': --out must be a file name ending in .png or .safetensors")
-    path = source / checkpoint.FILE_NAME if source.is_dir() else source
+    path = checkpoint.path_of(source)
     target = checkpoint.replace_target(out)  # not a directory or device: checked before the sampling work
     if target.suffix != out.suffix:  # a link named x.png to metrics.jsonl would turn the log into a picture
         raise ValueError(f"--out {out} links to {target}, which is not a {out.suffix} file: give another file name")
@@ -287,9 +288,10 @@ def write_samples(source: Path, n: int, out: Path, seed: int, device: str) -> No
     picture = out.suffix == ".png" and kind == "image"
     scale = plots.upscale_for_viewing(max(shape[-2:])) if kind == "image" else 1  # 8x for 8x8 digits
     samples_bytes = n * math.prod(shape) * 4  # float32
-    if samples_bytes > physical_memory_bytes():
+    memory = gen.device.physical_memory_bytes()
+    if samples_bytes > memory:
         raise ValueError(too_many)
-    if picture and samples_bytes + plots.image_grid_bytes(n, *shape, scale=scale) > physical_memory_bytes():
+    if picture and samples_bytes + plots.image_grid_bytes(n, *shape, scale=scale) > memory:
         raise ValueError(too_big_a_picture)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -333,20 +335,13 @@ def out_of_memory(error: BaseException) -> bool:
                                        "Storage size calculation overflowed"))
 
 
-def physical_memory_bytes() -> float:
-    """The memory this process may use (gen.device.physical_memory_bytes); a name here so tests can
-    stand in a smaller machine."""
-    from gen.device import physical_memory_bytes as memory
-    return memory()
-
-
 @app.command()
 def info(source: Annotated[Path, typer.Argument(help="a run folder or a checkpoint file")]) -> None:
     """Print a checkpoint's model, data, step, parameter count and config."""
     try:
         from gen import checkpoint
         from gen.tree import leaves
-        path = source / checkpoint.FILE_NAME if source.is_dir() else source
+        path = checkpoint.path_of(source)
         state, metadata = checkpoint.load(path)
     # First: evaluating expected_errors() imports gen, which a Ctrl-C inside torch's import left half-made.
     except KeyboardInterrupt:

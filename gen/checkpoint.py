@@ -39,6 +39,12 @@ class CheckpointError(Exception):
 FILE_NAME = "checkpoint.safetensors"  # a run folder's checkpoint (gen/train.py)
 
 
+def path_of(source: str | Path) -> Path:
+    """The checkpoint `source` names: a run folder's, or the file itself (what sample and info take)."""
+    source = Path(source)
+    return source / FILE_NAME if source.is_dir() else source
+
+
 def save(path: str | Path, state: Tree, metadata: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

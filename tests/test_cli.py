@@ -327,14 +327,13 @@ def test_existing_run_wrong_model_and_bad_output_name(run, tmp_path):
 
 def test_an_allocator_out_of_memory_while_sampling_is_one_line(run, tmp_path, monkeypatch):
     """Memory that runs out below the RAM check (other processes, the grid's image) is reported too."""
-    import cli
-    from gen import models, plots
+    from gen import device, models, plots
     vae = models.get("vae")
 
     def exhausted(*args):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
     monkeypatch.setattr(models, "get", lambda name: vae._replace(generate=exhausted))
-    assert cli.physical_memory_bytes() > 64 * 64 * 4
+    assert device.physical_memory_bytes() > 64 * 64 * 4
     # the samples themselves did not fit: a .safetensors file would not help
     assert_one_line_error(gen("sample", run, "--out", tmp_path / "x.png"), "not enough memory for 64 samples at once")
     assert not list(tmp_path.iterdir())
@@ -406,10 +405,9 @@ def test_a_picture_too_big_for_memory_is_refused_before_sampling(run, tmp_path, 
     """A PNG grid of 8x8 digits is enlarged 8x: 4,000 samples take 1 MB as floats but about 40 MB
     as a picture. With 10 MB of memory the picture is refused before any sampling work, in one
     line that offers the raw samples instead, and those are written."""
-    import cli
-    from gen import models, plots
+    from gen import device, models, plots
     assert plots.image_grid_bytes(4000, 1, 8, 8, scale=8) > 10e6 > 4000 * 64 * 4
-    monkeypatch.setattr(cli, "physical_memory_bytes", lambda: 10e6)
+    monkeypatch.setattr(device, "physical_memory_bytes", lambda: 10e6)
     vae = models.get("vae")
     monkeypatch.setattr(models, "get", lambda name: vae._replace(generate=lambda *args: pytest.fail("sampled")))
     assert_one_line_error(gen("sample", run, "--n", 4000, "--out", tmp_path / "x.png"),
