@@ -20,8 +20,8 @@ appends everything printed to OUT_DIR/cuda.log.
 """
 
 import argparse
-import math
 import json
+import math
 import signal
 import subprocess
 import sys

@@ -108,7 +108,10 @@ IDX_FILES = {
 def _find_idx_dir(name: str, data_dir: str | None) -> Path:
     # A --data-dir given is the only place looked: falling back to the system copy would train
     # on other data than asked for, silently, whenever the given folder was mistyped.
-    candidates = [Path(data_dir)] if data_dir else [FASHION_MNIST_SYSTEM_DIR] if name == "fashion-mnist" else []
+    if data_dir:
+        candidates = [Path(data_dir)]
+    else:
+        candidates = [FASHION_MNIST_SYSTEM_DIR] if name == "fashion-mnist" else []
     for directory in candidates:
         if (directory / IDX_FILES["train_images"]).exists() or \
                 (directory / (IDX_FILES["train_images"] + ".gz")).exists():
