@@ -80,46 +80,15 @@ def train(config: Config, out: str | Path, resume: bool = False, show_progress: 
     config, family, dataset = prepare(config)
     out = Path(out)
     checkpoint_path = out / CHECKPOINT
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a run folder: choose a directory")
-    if checkpoint_path.exists() and not resume:
-        raise ValueError(f"{out} already holds a checkpoint: pass --resume to continue it or choose another --out")
-    if not resume and out.is_dir() and any(out.iterdir()) and not _unsaved_run(out):
-        # Its config.json, metrics.jsonl or pictures may be someone else's files.
-        raise ValueError(f"--out {out} is not empty: a new run needs a new or empty folder; choose another --out")
-    if resume and not checkpoint_path.exists():
-        raise ValueError(f"nothing to resume: {checkpoint_path} does not exist")
+    _check_run_folder(out, resume)
     device = resolve_device(config.device)
     shape = dataset.shape
     per_step = family.batches_per_step(config)
-    steps_per_epoch = data.batches_per_epoch(len(dataset.train), config.batch_size * per_step)
-    if steps_per_epoch == 0:
-        raise ValueError(f"--batch-size {config.batch_size} (x{per_step} batches per step) exceeds the "
-                         f"{len(dataset.train)} training examples: use a smaller --batch-size")
-    total_steps = config.steps or config.epochs * steps_per_epoch
-    if config.lr_schedule != "constant" and config.decay_steps is None:
-        config = replace(config, decay_steps=total_steps)  # saved with the run, so a resume decays alike
-    if config.lr_schedule != "constant" and total_steps > config.decay_steps:
-        # Past its end a decay schedule gives lr 0: the extra steps would change nothing.
-        raise ValueError(f"the run's {config.lr_schedule} learning-rate schedule reaches 0 at step "
-                         f"{config.decay_steps}, and this run asks for {total_steps} steps: a resume cannot "
-                         "lengthen a decaying run; start a new run with the longer length")
-
+    config, steps_per_epoch, total_steps = _run_length(config, len(dataset.train), per_step)
     state = to_device(family.init(config, shape, config.seed), device)
     start_step = 0
     if resume:
-        loaded, metadata = checkpoint.load(checkpoint_path, model=config.model)
-        if tuple(metadata["shape"]) != tuple(shape):  # else conform's message would blame a layer's size
-            raise ValueError(f"{out} was trained on data of shape {tuple(metadata['shape'])} but '{config.data}' "
-                             f"has shape {tuple(shape)}: resume with the data it was trained on")
-        state = checkpoint.conform(checkpoint_path, loaded, state)
-        start_step = metadata["step"]
-        if start_step >= total_steps:
-            if config.lr_schedule != "constant":
-                raise ValueError(f"{out} is already trained for {start_step} steps, the end of its "
-                                 f"{config.lr_schedule} learning-rate schedule: a longer run needs a new --out")
-            raise ValueError(f"{out} is already trained for {start_step} steps: raise --epochs or --steps to "
-                             "train further")
+        state, start_step = _resumed_state(checkpoint_path, config, shape, state, total_steps)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -135,16 +104,7 @@ def train(config: Config, out: str | Path, resume: bool = False, show_progress: 
         history = _restart_metrics(out / "metrics.jsonl", start_step)
         metadata = {"model": config.model, "config": config.to_dict(), "data_kind": dataset.kind,
                     "shape": list(shape), "steps_per_epoch": steps_per_epoch}
-
-        step_fn = family.make_step(config, shape)
-        if config.precision == "bf16":
-            step_fn = autocast_step(step_fn, device)  # evaluation and sampling stay float32
-        layout = compilation.unchanged
-        if config.compile:  # (on the CPU, convolution states and image batches go channels-last)
-            donating_step, state, layout = compilation.compile_for_training(step_fn, state, device, donate=True)
-
-            def step_fn(state, batch, inputs):  # the same (state, metrics) contract; `state` updated in place
-                return state, donating_step(state, batch, inputs)
+        step_fn, state, layout = _training_step(family, config, shape, state, device)
         graphs_before = _graph_count()
         train_data = dataset.train.to(device)
 
@@ -155,15 +115,9 @@ def train(config: Config, out: str | Path, resume: bool = False, show_progress: 
             # A diverged state (NaN or infinite anywhere) is never saved: it would replace the last good
             # checkpoint with one that can only produce NaN samples.
             if not all(torch.isfinite(t).all() for t in leaves(state)):
-                diverged(step, "the model's state")
+                _diverged(checkpoint_path, step, "the model's state")
             checkpoint.save(checkpoint_path, state, {**metadata, "step": step, "epoch": step / steps_per_epoch})
             saved_step = step
-
-        def diverged(step: int, what: str) -> None:
-            kept = (f"the checkpoint of step {checkpoint.read_metadata(checkpoint_path)['step']} is kept"
-                    if checkpoint_path.exists() else "no checkpoint was written")
-            raise ValueError(f"training diverged: {what} became NaN or infinite by step {step}; {kept}: "
-                             "start a new run with a lower --lr")
 
         progress = _progress(show_progress)
         task = progress.add_task(f"{config.model} on {config.data}", total=total_steps, completed=start_step,
@@ -207,7 +161,7 @@ def train(config: Config, out: str | Path, resume: bool = False, show_progress: 
                                "samples_per_s": round(steps_timed * config.batch_size * per_step / seconds, 1)}
                         _append(out / "metrics.jsonl", row, history)
                         if not all(math.isfinite(value) for value in row.values()):
-                            diverged(done, "the logged metrics")
+                            _diverged(checkpoint_path, done, "the logged metrics")
                         progress.update(task, status=_status(row))
                         interval_start, interval_steps = time.perf_counter(), 0
                     if config.sample_every and done % config.sample_every == 0:
@@ -222,20 +176,9 @@ def train(config: Config, out: str | Path, resume: bool = False, show_progress: 
                         interval_start = time.perf_counter()  # evaluation is not training time
                 interrupt.raise_if_requested()  # a Ctrl-C held through the last step stops the run too
         except KeyboardInterrupt:
-            if not state_is_whole:  # a second Ctrl-C inside a step: the state is half-written, keep the disk's
-                if not checkpoint_path.exists():
-                    raise KeyboardInterrupt(f"interrupted inside step {steps_done + 1}, before the run's first "
-                                            f"checkpoint: nothing to resume; remove {out} and start again") from None
-                raise KeyboardInterrupt(f"interrupted inside step {steps_done + 1}; the last checkpoint in {out} is "
-                                        "kept: continue with --resume") from None
-            if saved_step != steps_done:
+            if state_is_whole and saved_step != steps_done:
                 save(steps_done)
-            if steps_done == total_steps:  # nothing is left to resume, only the run's closing files
-                raise KeyboardInterrupt(f"interrupted after the run's last step, {steps_done}; its checkpoint is saved "
-                                        f"in {out} but samples.png, loss.png and summary.json are not: draw "
-                                        f"samples with `gen sample {out}`")
-            raise KeyboardInterrupt(f"interrupted at step {steps_done}; checkpoint saved in {out}: "
-                                    "continue with --resume")
+            raise KeyboardInterrupt(_interrupted(out, steps_done, total_steps, state_is_whole)) from None
         finally:
             progress.stop()
 
@@ -243,13 +186,105 @@ def train(config: Config, out: str | Path, resume: bool = False, show_progress: 
         # Training rows carry a throughput; evaluation rows (test losses, mode coverage) do not.
         training_rows = [row for row in history if "samples_per_s" in row]
         plots.loss_curves(training_rows, out / "loss.png", title=f"{config.model} on {config.data}")
-        final = training_rows[-1] if training_rows else {}
         evaluation = next((row for row in reversed(history) if "samples_per_s" not in row), {})
         summary = {"out": str(out), "steps": total_steps, "device": str(device), "compiled": config.compile,
                    "compile_seconds": compile_seconds, "graphs_compiled": _graph_count() - graphs_before,
-                   "final": final, "evaluation": evaluation}
+                   "final": training_rows[-1] if training_rows else {}, "evaluation": evaluation}
         _write_json(out / "summary.json", summary)
         return summary
+
+
+# --- the run's parts, in the order train() uses them -----------------------------------
+
+
+def _check_run_folder(out: Path, resume: bool) -> None:
+    """A new run needs a new or empty folder (or one a run left before its first checkpoint);
+    a resume needs the folder's checkpoint."""
+    checkpoint_path = out / CHECKPOINT
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a run folder: choose a directory")
+    if checkpoint_path.exists() and not resume:
+        raise ValueError(f"{out} already holds a checkpoint: pass --resume to continue it or choose another --out")
+    if not resume and out.is_dir() and any(out.iterdir()) and not _unsaved_run(out):
+        # Its config.json, metrics.jsonl or pictures may be someone else's files.
+        raise ValueError(f"--out {out} is not empty: a new run needs a new or empty folder; choose another --out")
+    if resume and not checkpoint_path.exists():
+        raise ValueError(f"nothing to resume: {checkpoint_path} does not exist")
+
+
+def _run_length(config: Config, train_size: int, per_step: int) -> tuple[Config, int, int]:
+    """(config, steps per epoch, total steps); a decaying schedule's length is fixed here (saved
+    with the run's config, so a resume decays alike)."""
+    steps_per_epoch = data.batches_per_epoch(train_size, config.batch_size * per_step)
+    if steps_per_epoch == 0:
+        raise ValueError(f"--batch-size {config.batch_size} (x{per_step} batches per step) exceeds the "
+                         f"{train_size} training examples: use a smaller --batch-size")
+    total_steps = config.steps or config.epochs * steps_per_epoch
+    if config.lr_schedule != "constant" and config.decay_steps is None:
+        config = replace(config, decay_steps=total_steps)
+    if config.lr_schedule != "constant" and total_steps > config.decay_steps:
+        # Past its end a decay schedule gives lr 0: the extra steps would change nothing.
+        raise ValueError(f"the run's {config.lr_schedule} learning-rate schedule reaches 0 at step "
+                         f"{config.decay_steps}, and this run asks for {total_steps} steps: a resume cannot "
+                         "lengthen a decaying run; start a new run with the longer length")
+    return config, steps_per_epoch, total_steps
+
+
+def _resumed_state(checkpoint_path: Path, config: Config, shape: tuple, state: dict,
+                   total_steps: int) -> tuple[dict, int]:
+    """The checkpoint's state, checked against a freshly initialised `state` (names, shapes,
+    dtypes, device), and its step."""
+    out = checkpoint_path.parent
+    loaded, metadata = checkpoint.load(checkpoint_path, model=config.model)
+    if tuple(metadata["shape"]) != tuple(shape):  # else conform's message would blame a layer's size
+        raise ValueError(f"{out} was trained on data of shape {tuple(metadata['shape'])} but '{config.data}' "
+                         f"has shape {tuple(shape)}: resume with the data it was trained on")
+    state = checkpoint.conform(checkpoint_path, loaded, state)
+    start_step = metadata["step"]
+    if start_step >= total_steps:
+        if config.lr_schedule != "constant":
+            raise ValueError(f"{out} is already trained for {start_step} steps, the end of its "
+                             f"{config.lr_schedule} learning-rate schedule: a longer run needs a new --out")
+        raise ValueError(f"{out} is already trained for {start_step} steps: raise --epochs or --steps to "
+                         "train further")
+    return state, start_step
+
+
+def _training_step(family: models.Family, config: Config, shape: tuple, state: dict, device: torch.device):
+    """(step, state, layout): the family's step as the loop calls it, `step(state, batch, inputs) ->
+    (state, metrics)`. Compiled, it is donated (the state updated in place) and on the CPU a state
+    with convolutions goes channels-last, as must each image batch (`layout`)."""
+    step_fn = family.make_step(config, shape)
+    if config.precision == "bf16":
+        step_fn = autocast_step(step_fn, device)  # evaluation and sampling stay float32
+    if not config.compile:
+        return step_fn, state, compilation.unchanged
+    donating_step, state, layout = compilation.compile_for_training(step_fn, state, device, donate=True)
+
+    def compiled_step(state, batch, inputs):  # the same (state, metrics) contract
+        return state, donating_step(state, batch, inputs)
+    return compiled_step, state, layout
+
+
+def _diverged(checkpoint_path: Path, step: int, what: str) -> None:
+    kept = (f"the checkpoint of step {checkpoint.read_metadata(checkpoint_path)['step']} is kept"
+            if checkpoint_path.exists() else "no checkpoint was written")
+    raise ValueError(f"training diverged: {what} became NaN or infinite by step {step}; {kept}: "
+                     "start a new run with a lower --lr")
+
+
+def _interrupted(out: Path, steps_done: int, total_steps: int, state_is_whole: bool) -> str:
+    """What a Ctrl-C leaves: a whole state has been saved (at `steps_done`); a second Ctrl-C
+    inside a step leaves a half-written state, so the checkpoint on disk is what is kept."""
+    if not state_is_whole:
+        if not (out / CHECKPOINT).exists():
+            return (f"interrupted inside step {steps_done + 1}, before the run's first checkpoint: nothing to "
+                    f"resume; remove {out} and start again")
+        return f"interrupted inside step {steps_done + 1}; the last checkpoint in {out} is kept: continue with --resume"
+    if steps_done == total_steps:  # nothing is left to resume, only the run's closing files
+        return (f"interrupted after the run's last step, {steps_done}; its checkpoint is saved in {out} but "
+                f"samples.png, loss.png and summary.json are not: draw samples with `gen sample {out}`")
+    return f"interrupted at step {steps_done}; checkpoint saved in {out}: continue with --resume"
 
 
 # --- helpers ------------------------------------------------------------------------
