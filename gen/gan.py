@@ -417,16 +417,19 @@ GAN = Family("gan", "GAN with MLP generator and discriminator (non-saturating or
 DCGAN = Family("dcgan", "DCGAN: 2 transposed convs with batch norm (G), 2 convs with batch norm (D)", ("image",),
                {"epochs": 5, "batch_size": 64, "lr": 2e-4, "b1": 0.5, "b2": 0.999, "latent_dim": 100,
                 "gan_loss": "non-saturating", "n_critic": 1, "pack": 1},
-               init, make_step, make_noise, generate, evaluate, batches_per_step, image_side_multiple=4)
+               init, make_step, make_noise, generate, evaluate, batches_per_step, image_side_multiple=4,
+               hidden_dim_on_images=False)
 WGAN_GP = Family("wgan-gp", "WGAN-GP: Wasserstein critic with gradient penalty, n_critic critic steps per step",
                  ("points", "image"), {**TOY_DEFAULTS, "lr": 1e-4, "b1": 0.5, "b2": 0.9, "n_critic": 5,
                                        "epochs": 10, "gan_loss": "wasserstein"},
-                 init, make_step, make_noise, generate, evaluate, batches_per_step, image_side_multiple=4)
+                 init, make_step, make_noise, generate, evaluate, batches_per_step, image_side_multiple=4,
+                 hidden_dim_on_images=False)
 # SNGAN's defaults are the grid25 winner of docs/gan_results.md (25 of 25 modes, 96-97 % high
 # quality, seeds 0-2, about 3 minutes on one core): Adam(1e-3, 0, 0.9) decaying linearly to 0,
 # batch 512, 110 epochs of the 100k-point toy sets (21,450 steps), sampled from a G weight EMA.
 SNGAN = Family("sngan", "SNGAN: spectrally normalised discriminator, hinge loss", ("points", "image"),
                {**TOY_DEFAULTS, "lr": 1e-3, "b1": 0.0, "b2": 0.9, "gan_loss": "hinge", "batch_size": 512,
                 "epochs": 110, "lr_schedule": "linear", "ema_decay": 0.999},
-               init, make_step, make_noise, generate, evaluate, batches_per_step, image_side_multiple=4)
+               init, make_step, make_noise, generate, evaluate, batches_per_step, image_side_multiple=4,
+               hidden_dim_on_images=False)
 FAMILIES = [GAN, DCGAN, WGAN_GP, SNGAN]

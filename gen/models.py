@@ -39,6 +39,7 @@ class Family(NamedTuple):
     evaluate: Callable[[Tree, Config, Dataset, int], dict[str, float]]
     batches_per_step: Callable[[Config], int] = lambda config: 1
     image_side_multiple: int = 1  # models with convolutions on images halve them twice: sides must divide by 4
+    hidden_dim_on_images: bool = True  # False: on images the networks are DCGAN's, of fixed widths
 
 
 def learning_rate(config: Config) -> float | optim.Schedule:

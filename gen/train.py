@@ -71,6 +71,10 @@ def prepare(config: Config) -> tuple[Config, models.Family, data.Dataset]:
         height, width = dataset.shape[1:]
         raise ValueError(f"model '{config.model}' needs image sides divisible by {multiple} but '{config.data}' "
                          f"has {height}x{width} images: pad or crop them, or train the MLP 'vae' or 'gan'")
+    if dataset.kind == "image" and not family.hidden_dim_on_images:
+        # The family's default width is for its MLPs on 2D points; recorded here it would claim a
+        # setting the run does not have (the CLI refuses a --hidden-dim given for it).
+        config = replace(config, hidden_dim=None)
     return config, family, dataset
 
 

@@ -256,6 +256,16 @@ def test_run_folder_holds_everything_a_run_promises(tmp_path):
     assert Image.open(tmp_path / "samples.png").size == ((8 * 9 - 1) * 8, (8 * 9 - 1) * 8)  # 8x8 grid, 8x upscaled
 
 
+@pytest.mark.parametrize("data, hidden_dim", [("digits", None), ("ring8", 128)])
+def test_a_gan_on_images_records_no_hidden_width(tmp_path, data, hidden_dim):
+    # On images WGAN-GP's networks are DCGAN's, of fixed widths: the toy MLPs' default width would
+    # be a setting the run does not have, in its config.json and in its checkpoint.
+    training.train(Config(model="wgan-gp", data=data, steps=1, batch_size=8, n_critic=1, compile=False), tmp_path,
+                   show_progress=False)
+    assert json.loads((tmp_path / "config.json").read_text())["hidden_dim"] == hidden_dim
+    assert checkpoint.read_metadata(tmp_path / "checkpoint.safetensors")["config"]["hidden_dim"] == hidden_dim
+
+
 def test_a_resume_cannot_lengthen_a_decaying_schedule(tmp_path):
     """Past decay_steps the linear and cosine schedules give lr 0, so extra steps would do nothing."""
     config = Config(model="vae", steps=4, lr_schedule="linear", compile=False)
