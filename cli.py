@@ -195,7 +195,7 @@ def train(
         # The checks that depend on the data only for data that exists: a misspelt --data is
         # data.load's to name, not a reason to drop --data-dir.
         known_data = config.data in datasets.NAMED_SETS or Path(config.data).is_dir()
-        if ("hidden_dim" in given and model in ("wgan-gp", "sngan") and known_data
+        if ("hidden_dim" in given and not models.get(model).hidden_dim_on_images and known_data
                 and datasets.kind_of(config.data) == "image" and not (resume and hidden_dim == config.hidden_dim)):
             fail(f"--hidden-dim does not apply to {model} on images (DCGAN's convolutional networks, of fixed "
                  "widths): leave it out")
@@ -256,11 +256,11 @@ def write_samples(source: Path, n: int, out: Path, seed: int, device: str) -> No
     if out.suffix not in (".png", ".safetensors"):  # ".png" alone is a hidden file's name, not a suffix
         raise ValueError(f"cannot write '{out.name}': --out must be a file name ending in .png or .safetensors")
     path = checkpoint.path_of(source)
-    target = checkpoint.replace_target(out)  # not a directory or device: checked before the sampling work
+    # Not a directory, device or checkpoint (the source itself, or another run's state): checked
+    # before the sampling work.
+    target = checkpoint.refuse_to_replace(out, "--out", "the samples")
     if target.suffix != out.suffix:  # a link named x.png to metrics.jsonl would turn the log into a picture
         raise ValueError(f"--out {out} links to {target}, which is not a {out.suffix} file: give another file name")
-    if checkpoint.is_checkpoint(out):  # the source itself, or another run's state: never overwritten
-        raise ValueError(f"--out {out} is a gen checkpoint; samples never replace one: give another file name")
     loaded, metadata = checkpoint.load(path)
     family = models.get(metadata["model"])
     config = Config.from_dict(metadata["config"])
@@ -314,9 +314,10 @@ def write_samples(source: Path, n: int, out: Path, seed: int, device: str) -> No
                 reference = data.load(config.data, config.data_dir, config.seed).test[:n]
                 plots.scatter(samples, temporary, reference=reference,
                               title=f"{config.model}, step {metadata['step']}")
-            if checkpoint.is_checkpoint(out):  # a run saved there while we sampled: keep its checkpoint
-                raise ValueError(f"--out {out} became a gen checkpoint while sampling; samples never replace "
-                                 "one: give another file name")
+            try:  # a run may have saved there while we sampled: keep its checkpoint
+                checkpoint.refuse_to_replace(out, "--out", "the samples")
+            except (ValueError, OSError) as error:  # an OSError would be blamed on the write
+                raise ValueError(f"while sampling, {error}") from None
     except (RuntimeError, MemoryError) as error:
         if not out_of_memory(error):
             raise

@@ -72,6 +72,27 @@ def replace_target(path: str | Path) -> Path:
     return target
 
 
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json")  # what a run folder holds beside its checkpoint
+
+
+def refuse_to_replace(path: str | Path, option: str, replacement: str) -> Path:
+    """The file that writing `path` replaces, once it is known not to be one gen keeps: a gen
+    checkpoint (a training state) or a run folder's own files beside its checkpoint (its settings
+    and log) raise a one-line ValueError naming `option` (the flag that gave `path`, e.g. "--out")
+    and `replacement` (what would be written, e.g. "the samples"); a directory, device, pipe or
+    socket, replace_target's OSError. Writers call it before their work and again just before the
+    rename: a run may save there meanwhile."""
+    target = replace_target(path)
+    # The real target, not the link: a link named like a new file still replaces what it points to.
+    if target.name in RUN_FILES and is_checkpoint(target.parent / FILE_NAME):
+        raise ValueError(f"{option} {path} is a gen run's own {target.name}, which {replacement} would replace: "
+                         "give another file name")
+    if is_checkpoint(target):
+        raise ValueError(f"{option} {path} is a gen checkpoint, which {replacement} would replace: "
+                         "give another file name")
+    return target
+
+
 @contextmanager
 def replacing(path: str | Path) -> Iterator[Path]:
     """A temporary path beside `path` for the block to write; renamed over `path` when the block

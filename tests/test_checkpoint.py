@@ -118,6 +118,31 @@ def test_replacing_writes_through_links_refuses_non_files_and_names_the_file_ask
                                                                   long_name.name, wide_name.name])
 
 
+def test_refuse_to_replace_keeps_checkpoints_run_files_and_non_files(saved, tmp_path):
+    """The one rule every gen writer follows, on the real target (a link is followed): a checkpoint
+    and a run folder's own files are never replaced, nor a directory or device; anything else is."""
+    path, _ = saved
+    run = path.parent
+    link = tmp_path / "view.safetensors"
+    link.symlink_to(path)
+    for given in (path, link):
+        with pytest.raises(ValueError, match=f"^--out {given} is a gen checkpoint, which the samples would "
+                                             "replace: give another file name$"):
+            checkpoint.refuse_to_replace(given, "--out", "the samples")
+    with pytest.raises(OSError, match=f"^cannot write {tmp_path}: it is a directory; give the path of a file"):
+        checkpoint.refuse_to_replace(tmp_path, "--out", "the samples")
+    for name in checkpoint.RUN_FILES:
+        (run / name).write_text("mine\n")
+        with pytest.raises(ValueError, match=f"^--json {run / name} is a gen run's own {name}, which the results "
+                                             "would replace: give another file name$"):
+            checkpoint.refuse_to_replace(run / name, "--json", "the results")
+    # a file of the same name outside a run folder, a new file and a plain safetensors file are replaced
+    (tmp_path / "metrics.jsonl").write_text("mine\n")
+    save_file({"samples": torch.zeros(2)}, tmp_path / "raw.safetensors")
+    for given in (tmp_path / "metrics.jsonl", tmp_path / "new.png", tmp_path / "raw.safetensors"):
+        assert checkpoint.refuse_to_replace(given, "--out", "the samples") == given.resolve()
+
+
 def test_a_symlinked_checkpoint_is_saved_and_synced_in_its_targets_folder(tmp_path, monkeypatch):
     (tmp_path / "run").mkdir()
     (tmp_path / "elsewhere").mkdir()

@@ -372,7 +372,8 @@ def test_sample_never_replaces_a_checkpoint_or_a_file_behind_a_link(run, tmp_pat
         return vae.generate(state, config, shape, n, generator)
     monkeypatch.setattr(models, "get", lambda name: vae._replace(generate=generate_while_a_run_saves))
     assert_one_line_error(gen("sample", run, "--out", tmp_path / "model.safetensors"),
-                          "became a gen checkpoint while sampling; samples never replace one")
+                          f"while sampling, --out {tmp_path / 'model.safetensors'} is a gen checkpoint, "
+                          "which the samples would replace: give another file name")
     assert (tmp_path / "model.safetensors").read_bytes() == saved.read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]  # no temporary file left
 

@@ -86,15 +86,11 @@ def json_target(json_path: str) -> Path:
     return target
 
 
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json")  # what a run folder holds beside its checkpoint
-
-
 def refuse_to_replace(json_path: str) -> None:
-    """Refuse an existing --json that the results must not replace: a device, pipe or socket
-    (/dev/null), one of the process's streams (/dev/stdout, /proc/self/fd/1), a gen checkpoint or
-    a run folder's own files."""
-    path = Path(json_path)
-    parts = Path(os.path.abspath(path)).parts
+    """Refuse an existing --json that the results must not replace: one of the process's streams
+    (/dev/stdout, /proc/self/fd/1), then what no gen writer replaces (checkpoint.refuse_to_replace:
+    a device, pipe or socket such as /dev/null, a gen checkpoint, a run folder's own files)."""
+    parts = Path(os.path.abspath(json_path)).parts
     # The process's own streams: /dev/stdout redirected to a log (`>> log.txt`) resolves to that
     # file, which the results, renamed over it, would replace whole.
     if parts[1:3] in (("dev", "stdout"), ("dev", "stderr"), ("dev", "stdin"), ("dev", "fd")) or \
@@ -102,12 +98,6 @@ def refuse_to_replace(json_path: str) -> None:
         raise ValueError(f"--json {json_path} is one of the process's streams, not a file: give a file name, "
                          "e.g. bench.json")
     try:
-        target = checkpoint.replace_target(path)
+        checkpoint.refuse_to_replace(json_path, "--json", "the results")
     except OSError as error:
         raise ValueError(f"--json: {error}, e.g. bench.json") from None
-    if target.name in RUN_FILES and checkpoint.is_checkpoint(target.parent / checkpoint.FILE_NAME):
-        raise ValueError(f"--json {json_path} is a gen run's own {target.name}, which the results would replace: "
-                         "give another file name, e.g. bench.json")
-    if checkpoint.is_checkpoint(path):  # a training state: never overwritten, as gen sample refuses too
-        raise ValueError(f"--json {json_path} is a gen checkpoint, which the results would replace: "
-                         "give another file name, e.g. bench.json")
