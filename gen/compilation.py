@@ -116,6 +116,7 @@ def compile_step(step: Callable, device: torch.device | str, donate: bool = Fals
     on_cpu = torch.device(device).type == "cpu"
     options = None
     if on_cpu:
+        require_cpp_compiler()  # else Inductor fails deep inside the first call
         vector_isa.trusted_vector_isa()
         # A step may override an option it cannot use (`step.inductor_options`, e.g. WGAN-GP's).
         options = {**CPU_OPTIONS, **getattr(step, "inductor_options", {})}
@@ -124,6 +125,40 @@ def compile_step(step: Callable, device: torch.device | str, donate: bool = Fals
     if mode is not None:
         return torch.compile(step, fullgraph=True, dynamic=False, mode=mode, options=options)
     return DirectStep(step, options)
+
+
+NO_COMPILE = "or train uncompiled (--no-compile)"
+
+
+def require_cpp_compiler() -> None:
+    """Inductor builds a CPU step's kernels with a C++ compiler ($CXX, else g++): without a
+    working one, say so in one line before anything is traced."""
+    from torch._inductor import cpp_builder, exc
+    try:
+        cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        compiler = os.environ.get("CXX", "g++")
+        raise ValueError(f"compiling a step on the CPU needs a C++ compiler, and {compiler} does not run: "
+                         f"install g++ (or point $CXX at a working one), {NO_COMPILE}") from None
+
+
+def build_failure(error: BaseException) -> str | None:
+    """A one-line account of `error` when it is the C++ toolchain failing to build the step (the
+    compiler's first error line, e.g. a missing Python.h), else None. Inductor wraps the
+    compiler's error (InductorError.inner_exception, or the exception's cause or context)."""
+    from torch._inductor import exc
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, exc.InvalidCxxCompiler):
+            return f"the C++ compiler Inductor needs does not run: install g++ (or point $CXX at one), {NO_COMPILE}"
+        if isinstance(error, exc.CppCompileError):
+            lines = [line.strip() for line in str(getattr(error, "output", "")).splitlines() if line.strip()]
+            first = next((line for line in lines if "error" in line.lower()), lines[0] if lines else "no output")
+            return (f"the C++ compiler could not build the compiled step ({first}): install the compiler and "
+                    f"Python's development headers (e.g. python3-dev), {NO_COMPILE}")
+        error = getattr(error, "inner_exception", None) or error.__cause__ or error.__context__
+    return None
 
 
 class DirectStep:
@@ -183,7 +218,13 @@ class DirectStep:
         # What a later call must match, taken before this one: a donated step changes its arguments.
         before = GlobalStateGuard(), _flatten(args)
         try:
-            result = self.compiled(*args)
+            try:
+                result = self.compiled(*args)
+            except RuntimeError as error:
+                problem = build_failure(error)
+                if problem is None:
+                    raise
+                raise ValueError(problem) from error
             if self.new_graph is not None:
                 self.record = _recording(self.new_graph, args, before, result)
         finally:

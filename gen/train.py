@@ -189,7 +189,8 @@ def train(config: Config, out: str | Path, resume: bool = False, show_progress: 
         _save_samples(family, state, config, dataset, out / "samples.png")
         # Training rows carry a throughput; evaluation rows (test losses, mode coverage) do not.
         training_rows = [row for row in history if "samples_per_s" in row]
-        plots.loss_curves(training_rows, out / "loss.png", title=f"{config.model} on {config.data}")
+        with checkpoint.replacing(out / "loss.png") as temporary:  # a crash leaves the old picture or the new
+            plots.loss_curves(training_rows, temporary, title=f"{config.model} on {config.data}")
         evaluation = next((row for row in reversed(history) if "samples_per_s" not in row), {})
         summary = {"out": str(out), "steps": total_steps, "device": str(device), "compiled": config.compile,
                    "compile_seconds": compile_seconds, "graphs_compiled": _graph_count() - graphs_before,
@@ -384,13 +385,14 @@ def _batch(train_data: torch.Tensor, config: Config, per_step: int, epoch: int, 
 def _save_samples(family, state, config: Config, dataset: data.Dataset, path: Path) -> None:
     """Samples from fixed noise (seed, "samples"), so grids from different steps are comparable."""
     generator = rng.generator(config.seed, "samples")
-    if dataset.kind == "image":
-        images = family.generate(state, config, dataset.shape, 64, generator)
-        plots.image_grid(images, path, scale=plots.upscale_for_viewing(max(dataset.shape[-2:])))
-    else:
-        points = family.generate(state, config, dataset.shape, config.eval_samples, generator)
-        plots.scatter(points, path, reference=dataset.test[:config.eval_samples],
-                      title=f"{config.model} on {config.data}")
+    with checkpoint.replacing(path) as temporary:  # a crash leaves the old picture or the new, not half of one
+        if dataset.kind == "image":
+            images = family.generate(state, config, dataset.shape, 64, generator)
+            plots.image_grid(images, temporary, scale=plots.upscale_for_viewing(max(dataset.shape[-2:])))
+        else:
+            points = family.generate(state, config, dataset.shape, config.eval_samples, generator)
+            plots.scatter(points, temporary, reference=dataset.test[:config.eval_samples],
+                          title=f"{config.model} on {config.data}")
 
 
 def _status(row: dict) -> str:

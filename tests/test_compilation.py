@@ -192,3 +192,38 @@ def test_rebuild_keeps_namedtuples():
     Pair = namedtuple("Pair", "first second")
     template = {"metrics": Pair(None, [None])}
     assert compilation._rebuild(template, iter([1, 2])) == {"metrics": Pair(1, [2])}
+
+
+def test_no_working_cpp_compiler_is_one_line_before_anything_is_traced(monkeypatch):
+    from torch._inductor import config
+    monkeypatch.setattr(config.cpp, "cxx", ("/nonexistent/gen-test-g++",))
+    monkeypatch.setenv("CXX", "/nonexistent/gen-test-g++")
+    with pytest.raises(ValueError, match=r"needs a C\+\+ compiler, and /nonexistent/gen-test-g\+\+ does not run") as error:
+        compilation.compile_step(lambda x: x + 1, "cpu")
+    assert "\n" not in str(error.value) and "--no-compile" in str(error.value)
+
+
+def test_a_compiler_that_cannot_build_the_step_is_one_line(tmp_path, monkeypatch):
+    """A compiler that runs but cannot build (Python's headers missing): the compiler's own first
+    error line, not Inductor's pages of command line and traceback."""
+    from torch._inductor import config
+    fake = tmp_path / "g++"  # answers --version as g++ does, fails every build
+    fake.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = "--version" ] && exec g++ "$@"; done\n'
+                    'echo "x.cpp:1:10: fatal error: Python.h: No such file or directory" >&2\nexit 1\n')
+    fake.chmod(0o755)
+    monkeypatch.setattr(config.cpp, "cxx", (str(fake),))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))  # nothing cached to fall back on
+    torch._dynamo.reset()
+    stepped = compilation.compile_step(lambda x: (x * 3.25).sin(), "cpu")
+    with pytest.raises(ValueError, match=r"could not build the compiled step \(x.cpp:1:10: fatal error: "
+                                         r"Python.h: No such file or directory\)") as error:
+        stepped(torch.ones(5))
+    assert "\n" not in str(error.value) and "--no-compile" in str(error.value)
+    torch._dynamo.reset()
+
+
+def test_build_failure_names_only_toolchain_errors():
+    from torch._inductor import exc
+    compiler_error = exc.CppCompileError(["g++", "k.cpp"], "k.cpp: In function 'f':\nk.cpp:3: error: 'x' undeclared\n")
+    assert "(k.cpp:3: error: 'x' undeclared)" in compilation.build_failure(exc.InductorError(compiler_error, None))
+    assert compilation.build_failure(RuntimeError("shape mismatch")) is None

@@ -266,6 +266,21 @@ def test_a_gan_on_images_records_no_hidden_width(tmp_path, data, hidden_dim):
     assert checkpoint.read_metadata(tmp_path / "checkpoint.safetensors")["config"]["hidden_dim"] == hidden_dim
 
 
+def test_a_picture_that_fails_halfway_leaves_the_old_one(tmp_path, monkeypatch):
+    config = Config(model="vae", steps=2, log_every=1, compile=False)
+    training.train(config, tmp_path, show_progress=False)
+    before = (tmp_path / "samples.png").read_bytes()
+
+    def fail_halfway(images, path, scale):
+        open(path, "wb").write(before[:100])
+        raise RuntimeError("the disk went away")
+    monkeypatch.setattr(training.plots, "image_grid", fail_halfway)
+    with pytest.raises(RuntimeError, match="the disk went away"):
+        training.train(Config(**{**config.to_dict(), "steps": 3}), tmp_path, resume=True, show_progress=False)
+    assert (tmp_path / "samples.png").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".samples")) == []
+
+
 def test_a_resume_cannot_lengthen_a_decaying_schedule(tmp_path):
     """Past decay_steps the linear and cosine schedules give lr 0, so extra steps would do nothing."""
     config = Config(model="vae", steps=4, lr_schedule="linear", compile=False)
