@@ -41,9 +41,22 @@ def gaussian_log_density(z: Tensor, mean: Tensor, log_variance: Tensor) -> Tenso
 
 
 def bernoulli_log_likelihood(logits: Tensor, x: Tensor) -> Tensor:
-    """log p(x|z) = Σ_i x_i log p_i + (1 - x_i) log(1 - p_i), p = sigmoid(logits): minus the summed BCE."""
-    bce = F.binary_cross_entropy_with_logits(nn.at_least_float32(logits), x, reduction="none")
-    return -bce.flatten(1).sum(1)  # (B,)
+    """log p(x|z) = Σ_i x_i log p_i + (1 - x_i) log(1 - p_i), p = σ(l): minus the summed BCE.
+
+    With log p = l - softplus(l) and log(1 - p) = -softplus(l) each term is x l - softplus(l),
+    and softplus(l) = (l + |l|)/2 + log(1 + e^(-|l|)) never overflows, so
+
+        log p(x_i|z) = (x_i - ½) l_i - |l_i|/2 - log1p(e^(-|l_i|)).
+
+    Written out rather than as F.binary_cross_entropy_with_logits, whose decomposition takes
+    two exponentials and a log per pixel where this takes one of each (its gradient x - σ(l)
+    reuses e^(-|l|)): VAE b512 on the CPU, the loss's forward and gradient compiled, 0.89 ->
+    0.56 ms. max(l, 0) is (l + |l|)/2 so that the gradient at l = 0 is x - ½: with relu's 0
+    there (and |l|'s), it would be x."""
+    logits = nn.at_least_float32(logits)
+    magnitude = logits.abs()
+    terms = (x - 0.5) * logits - 0.5 * magnitude - torch.log1p(torch.exp(-magnitude))
+    return terms.flatten(1).sum(1)  # (B,)
 
 
 # --- architectures -------------------------------------------------------------------

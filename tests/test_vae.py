@@ -32,6 +32,18 @@ def test_log_densities_match_torch_distributions():
                                Bernoulli(logits=logits).log_prob(x).sum((1, 2, 3)))
 
 
+def test_bernoulli_log_likelihood_and_its_gradient_hold_at_zero_and_at_extreme_logits():
+    """The gradient is x - σ(l) everywhere: at l = 0 too, where a max(l, 0) written as relu would
+    give x, and for logits far past where e^l overflows."""
+    logits = torch.tensor([[0.0, 0.0, 3.0, -3.0, 80.0, -80.0, 1e30, -1e30]], dtype=torch.float64, requires_grad=True)
+    x = torch.tensor([[1.0, 0.25, 0.0, 1.0, 0.0, 1.0, 0.5, 1.0]], dtype=torch.float64)
+    value = vae.bernoulli_log_likelihood(logits, x)
+    gradient, = torch.autograd.grad(value.sum(), logits)
+    torch.testing.assert_close(gradient, x - torch.sigmoid(logits))
+    expected = -torch.nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(1)
+    torch.testing.assert_close(value, expected)
+
+
 class ExamplesVAE(tnn.Module):
     """pytorch/examples vae/main.py, with the noise passed in instead of drawn."""
 
