@@ -172,6 +172,23 @@ def test_info_prints_model_step_and_parameter_count(run):
     assert result.exit_code == 0
     assert "model:      vae" in result.output and "step:       25" in result.output
     assert "parameters: 76,104" in result.output  # 64-400-20 MLP VAE on 8x8 digits
+    import gen as package
+    assert f"versions:   gen {package.__version__}, torch {torch.__version__}" in result.output
+    assert "data:       digits (1, 8, 8)" in result.output
+    config = next(line for line in result.output.splitlines() if line.startswith("config:"))
+    assert "model=vae" in config and "lr=0.001" in config and "steps=25" in config
+
+
+def test_train_options_reach_the_runs_config(tmp_path):
+    result = gen("train", "wgan-gp", "--data", "ring8", "--steps", 1, "--batch-size", 8, "--n-critic", 2,
+                 "--gp-weight", 3, "--optimizer", "adamw", "--weight-decay", 0.5, "--lr", 0.01, "--seed", 7,
+                 "--latent-dim", 4, "--hidden-dim", 16, "--no-compile", "--no-progress", "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert {name: config[name] for name in ("n_critic", "gp_weight", "optimizer", "weight_decay", "lr", "seed",
+                                            "latent_dim", "hidden_dim", "batch_size")} == {
+        "n_critic": 2, "gp_weight": 3.0, "optimizer": "adamw", "weight_decay": 0.5, "lr": 0.01, "seed": 7,
+        "latent_dim": 4, "hidden_dim": 16, "batch_size": 8}
 
 
 def test_resume_extends_a_run(run, tmp_path):

@@ -32,6 +32,19 @@ def test_idx_directory_loads_as_images(tmp_path, compress):
     assert 0 <= dataset.train.min() and dataset.train.max() <= 1 and dataset.kind == "image"
 
 
+def test_idx_pixels_scale_to_the_unit_interval_and_a_raw_file_wins_over_its_gz(tmp_path):
+    """Bytes 0..255 become 0..1 (255 is white: 1.0). Where a folder holds both x and x.gz the raw
+    one is read (README, Data)."""
+    write_idx_dir(tmp_path, compress=True)
+    images = torch.tensor([[[0, 51], [255, 128]]]).repeat(20, 1, 1)
+    for prefix, n in (("train", 20), ("t10k", 10)):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", images[:n])
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", torch.zeros(n))
+    dataset = data.load(str(tmp_path))
+    assert dataset.train.shape == (20, 1, 2, 2)
+    torch.testing.assert_close(dataset.train[0, 0], torch.tensor([[0.0, 51 / 255], [1.0, 128 / 255]]))
+
+
 @pytest.mark.parametrize("content, message", [
     (b"\x01\x00\x08\x01\x00\x00\x00\x01\x05", "bad magic"),
     (b"\x00\x00\x0d\x01\x00\x00\x00\x01\x05", "type code 0x0d"),

@@ -246,7 +246,8 @@ def test_run_folder_holds_everything_a_run_promises(tmp_path):
     summary = training.train(Config(model="conv-vae", epochs=2, log_every=4, compile=False), tmp_path,
                              show_progress=False)
     names = {p.name for p in tmp_path.iterdir()}
-    assert {"checkpoint.safetensors", "config.json", "metrics.jsonl", "samples.png", "loss.png"} <= names
+    assert {"checkpoint.safetensors", "config.json", "metrics.jsonl", "samples.png", "loss.png", "summary.json"} <= names
+    assert json.loads((tmp_path / "summary.json").read_text())["evaluation"] == summary["evaluation"]
     logged = rows(tmp_path)
     assert all({"step", "epoch", "loss", "samples_per_s"} <= set(r) for r in logged if "loss" in r)
     assert [r["step"] for r in logged if "test_loss" in r] == [11, 22]  # one evaluation per epoch
@@ -279,6 +280,29 @@ def test_a_picture_that_fails_halfway_leaves_the_old_one(tmp_path, monkeypatch):
         training.train(Config(**{**config.to_dict(), "steps": 3}), tmp_path, resume=True, show_progress=False)
     assert (tmp_path / "samples.png").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".samples")) == []
+
+
+def test_the_seed_sets_the_initial_state_the_data_order_and_the_noise(tmp_path):
+    """The first logged loss is the step computed by hand from what the seed derives (README:
+    init from the seed, data order from (seed, epoch), noise from (seed, step))."""
+    from gen import data, models
+    config = Config(model="vae", seed=3, steps=1, log_every=1, compile=False)
+    training.train(config, tmp_path, show_progress=False)
+    config, family, dataset = training.prepare(config)
+    state = family.init(config, dataset.shape, 3)
+    batch = next(data.batches(dataset.train, config.batch_size, 3, 0))
+    inputs = family.make_noise(config, dataset.shape, config.batch_size, rng.generator(3, "noise", 0))
+    _, metrics = family.make_step(config, dataset.shape)(state, batch, inputs)
+    assert rows(tmp_path)[0]["loss"] == pytest.approx(float(metrics["loss"]), rel=1e-6)
+
+
+def test_sample_grids_of_different_steps_share_their_noise(tmp_path):
+    # With an lr too small to move a float32 weight, the model is the same at every step, and so
+    # is every grid drawn from the fixed (seed, "samples") noise.
+    training.train(Config(model="vae", steps=2, sample_every=1, lr=1e-30, compile=False), tmp_path,
+                   show_progress=False)
+    grids = [(tmp_path / "samples" / f"step_{step:07d}.png").read_bytes() for step in (1, 2)]
+    assert grids[0] == grids[1] == (tmp_path / "samples.png").read_bytes()
 
 
 def test_a_resume_cannot_lengthen_a_decaying_schedule(tmp_path):
