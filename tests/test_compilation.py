@@ -2,6 +2,7 @@
 convolution states go channels-last on the CPU."""
 
 import gc
+import os
 import weakref
 
 import pytest
@@ -203,23 +204,29 @@ def test_no_working_cpp_compiler_is_one_line_before_anything_is_traced(monkeypat
     assert "\n" not in str(error.value) and "--no-compile" in str(error.value)
 
 
-def test_a_compiler_that_cannot_build_the_step_is_one_line(tmp_path, monkeypatch):
+def test_a_compiler_that_cannot_build_the_step_is_one_line(tmp_path):
     """A compiler that runs but cannot build (Python's headers missing): the compiler's own first
-    error line, not Inductor's pages of command line and traceback."""
-    from torch._inductor import config
+    error line, not Inductor's pages of command line and traceback. In a process of its own:
+    a failed build leaves Inductor's per-process caches (the vector ISA, its precompiled header)
+    unfit for the compiles of later tests."""
+    import subprocess
+    import sys
     fake = tmp_path / "g++"  # answers --version as g++ does, fails every build
     fake.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = "--version" ] && exec g++ "$@"; done\n'
                     'echo "x.cpp:1:10: fatal error: Python.h: No such file or directory" >&2\nexit 1\n')
     fake.chmod(0o755)
-    monkeypatch.setattr(config.cpp, "cxx", (str(fake),))
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))  # nothing cached to fall back on
-    torch._dynamo.reset()
-    stepped = compilation.compile_step(lambda x: (x * 3.25).sin(), "cpu")
-    with pytest.raises(ValueError, match=r"could not build the compiled step \(x.cpp:1:10: fatal error: "
-                                         r"Python.h: No such file or directory\)") as error:
-        stepped(torch.ones(5))
-    assert "\n" not in str(error.value) and "--no-compile" in str(error.value)
-    torch._dynamo.reset()
+    script = (f"import torch\nfrom torch._inductor import config\nconfig.cpp.cxx = ({str(fake)!r},)\n"
+              "from gen import compilation\n"
+              "try:\n    compilation.compile_step(lambda x: (x * 3.25).sin(), 'cpu')(torch.ones(5))\n"
+              "except ValueError as error:\n    print(error)\n")
+    # A cache of its own: nothing cached to fall back on, and nothing left for other processes.
+    environment = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment,
+                            timeout=300)
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1, result.stdout + result.stderr
+    assert ("could not build the compiled step (x.cpp:1:10: fatal error: Python.h: No such file or directory)"
+            in lines[0] and "--no-compile" in lines[0])
 
 
 def test_build_failure_names_only_toolchain_errors():

@@ -33,7 +33,15 @@ def test_family_defaults_are_the_documented_ones(model, expected):
 
 
 def test_digits_train_for_a_hundred_epochs_by_default():
+    from gen import train
     assert data.load("digits").default_epochs == 100
+    assert train.prepare(Config(model="vae", data="digits"))[0].epochs == 100
+    assert train.prepare(Config(model="dcgan", data="digits"))[0].epochs == 100
+
+
+@pytest.mark.parametrize("model, epochs", [("vae", 10), ("dcgan", 5), ("gan", 50), ("wgan-gp", 10), ("sngan", 110)])
+def test_default_run_lengths_are_the_documented_ones(model, epochs):
+    assert models.get(model).defaults["epochs"] == epochs  # README "Models"; on digits 100 instead
 
 
 A = 0.7  # a logit, or a critic's score
@@ -66,7 +74,9 @@ def test_gp_weight_scales_the_critics_penalty():
         real = torch.randn(1, batch, *shape, generator=generator)
         state, _ = gan.make_step(config, shape)(gan.init(config, shape, 0), real, inputs)
         updated.append(state["params"]["discriminator.output.weight"])
-    assert not torch.equal(updated[0], updated[1]) and not torch.equal(updated[1], updated[2])
+    assert not torch.equal(updated[0], updated[1])
+    # SGD's step is linear in the gradient, and the gradient in λ: λ = 20 moves twice as far as λ = 10.
+    torch.testing.assert_close(updated[2] - updated[0], 2 * (updated[1] - updated[0]), rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("schedule, expected", [
