@@ -179,6 +179,12 @@ def test_info_prints_model_step_and_parameter_count(run):
     assert "model=vae" in config and "lr=0.001" in config and "steps=25" in config
 
 
+def test_sample_without_out_writes_samples_png_in_the_working_directory(run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert gen("sample", run, "--n", 4).exit_code == 0
+    assert (tmp_path / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_train_options_reach_the_runs_config(tmp_path):
     result = gen("train", "wgan-gp", "--data", "ring8", "--steps", 1, "--batch-size", 8, "--n-critic", 2,
                  "--gp-weight", 3, "--optimizer", "adamw", "--weight-decay", 0.5, "--lr", 0.01, "--seed", 7,

@@ -117,6 +117,8 @@ def test_moons_and_swissroll_have_their_shapes():
     # Two unit half circles, centred at (0, 0) and (1, 0.5), with noise 0.05.
     off_arcs = torch.minimum((moons.norm(dim=1) - 1).abs(), ((moons - torch.tensor([1.0, 0.5])).norm(dim=1) - 1).abs())
     assert (off_arcs < 0.25).float().mean() > 0.999
+    upper = ((moons.norm(dim=1) - 1).abs() < 0.25) & (moons[:, 1] > -0.25)
+    assert 0.45 < upper.float().mean() < 0.55  # both moons, half the points each
     roll = data.load("swissroll").train
     # (t cos t, t sin t) / 5 for t in [1.5π, 4.5π]: radii t / 5 in [0.94, 2.83], noise 0.05.
     radius = roll.norm(dim=1)
