@@ -137,9 +137,13 @@ def require_cpp_compiler() -> None:
     try:
         cpp_builder.get_cpp_compiler()
     except exc.InvalidCxxCompiler:
-        compiler = os.environ.get("CXX", "g++")
-        raise ValueError(f"compiling a step on the CPU needs a C++ compiler, and {compiler} does not run: "
-                         f"install g++ (or point $CXX at a working one), {NO_COMPILE}") from None
+        raise ValueError(_no_compiler()) from None
+
+
+def _no_compiler() -> str:
+    compiler = os.environ.get("CXX", "g++")
+    return (f"compiling a step on the CPU needs a C++ compiler, and {compiler} does not run: install g++ "
+            f"(or point $CXX at a working one), {NO_COMPILE}")
 
 
 def build_failure(error: BaseException) -> str | None:
@@ -151,7 +155,7 @@ def build_failure(error: BaseException) -> str | None:
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, exc.InvalidCxxCompiler):
-            return f"the C++ compiler Inductor needs does not run: install g++ (or point $CXX at one), {NO_COMPILE}"
+            return _no_compiler()
         if isinstance(error, exc.CppCompileError):
             lines = [line.strip() for line in str(getattr(error, "output", "")).splitlines() if line.strip()]
             first = next((line for line in lines if "error" in line.lower()), lines[0] if lines else "no output")
@@ -218,15 +222,14 @@ class DirectStep:
         # What a later call must match, taken before this one: a donated step changes its arguments.
         before = GlobalStateGuard(), _flatten(args)
         try:
-            try:
-                result = self.compiled(*args)
-            except RuntimeError as error:
-                problem = build_failure(error)
-                if problem is None:
-                    raise
-                raise ValueError(problem) from error
+            result = self.compiled(*args)
             if self.new_graph is not None:
                 self.record = _recording(self.new_graph, args, before, result)
+        except RuntimeError as error:
+            problem = build_failure(error)  # the C++ toolchain: one line, not Inductor's pages
+            if problem is None:
+                raise
+            raise ValueError(problem) from error
         finally:
             if self.new_graph is not None:  # Dynamo keeps `run`: let go of this call's tensors
                 self.new_graph.pop("inputs", None), self.new_graph.pop("outputs", None)
@@ -301,7 +304,7 @@ def _aliasing(tensors: list) -> list[int]:
 
 
 def _rebuild(template, values):
-    """`template` with its leaves (in `_leaves` order) taken from the iterator `values`."""
+    """`template` with its leaves (in `_flatten`'s order) taken from the iterator `values`."""
     if isinstance(template, dict):
         return {key: _rebuild(value, values) for key, value in template.items()}
     if isinstance(template, (list, tuple)):

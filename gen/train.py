@@ -99,8 +99,7 @@ def train(config: Config, out: str | Path, resume: bool = False, show_progress: 
         raise ValueError(f"cannot create the run folder {out} ({error.strerror}): choose another --out") from None
     with _run_lock(out):
         # Checked again under the lock: another process may have written here since the checks above.
-        if not resume and checkpoint_path.exists():
-            raise ValueError(f"{out} already holds a checkpoint: pass --resume to continue it or choose another --out")
+        _check_run_folder(out, resume)
         if resume and checkpoint.read_metadata(checkpoint_path)["step"] != start_step:
             raise ValueError(f"the checkpoint in {out} changed while this run started (another gen process?): "
                              "run the command again")
