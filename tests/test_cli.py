@@ -197,6 +197,37 @@ def test_train_options_reach_the_runs_config(tmp_path):
         "latent_dim": 4, "hidden_dim": 16, "batch_size": 8}
 
 
+def test_the_progress_bar_shows_by_default_and_not_with_no_progress(tmp_path):
+    """Off a terminal rich prints the bar once, finished: the run's name, steps done of all, the losses."""
+    shown = gen("train", "vae", "--steps", 10, "--log-every", 5, "--no-compile", "--out", tmp_path / "shown")
+    hidden = gen("train", "vae", "--steps", 10, "--log-every", 5, "--no-compile", "--no-progress",
+                 "--out", tmp_path / "hidden")
+    assert shown.exit_code == hidden.exit_code == 0, shown.output + hidden.output
+    bar = shown.output.splitlines()[0]
+    assert bar.startswith("vae on digits") and "10/10" in bar and "loss " in bar and "samples/s" in bar
+    assert "vae on digits" not in hidden.output and "10/10" not in hidden.output
+    assert hidden.output.startswith("trained 10 steps")
+
+
+def test_bench_options_reach_the_harness(tmp_path):
+    path = tmp_path / "bench.json"
+    result = gen("bench", "vae", "--batch-size", 16, "--batch-size", 24, "--steps", 3, "--repeats", 2,
+                 "--mode", "eager", "--mode", "module", "--device", "cpu", "--no-compile-times", "--json", path)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(path.read_text())["results"]
+    assert [(r["model"], r["batch_size"], r["mode"], r["device"], r["steps"], r["repeats"]) for r in rows] == [
+        ("vae", b, mode, "cpu", 3, 2) for b in (16, 24) for mode in ("eager", "module")]
+    # A budget spent early (when depends on the machine): no group gets all the rounds asked for, the last none.
+    result = gen("bench", "vae", "gan-2d", "--batch-size", 16, "--steps", 1, "--repeats", 50, "--mode", "eager",
+                 "--device", "cpu", "--no-compile-times", "--time-budget", 0.05, "--json", tmp_path / "budget.json")
+    assert result.exit_code == 0, result.output
+    written = json.loads((tmp_path / "budget.json").read_text())
+    assert written["machine"]["time_budget_s"] == 0.05
+    vae_row, gan_row = written["results"]
+    assert vae_row["error"] == "skipped: time budget spent" or 1 <= vae_row["repeats"] < 50
+    assert gan_row["error"] == "skipped: time budget spent"
+
+
 def test_resume_extends_a_run(run, tmp_path):
     copy = tmp_path / "copy"
     copy.mkdir()
