@@ -137,7 +137,8 @@ def train(
 
     from gen import checkpoint, data as datasets, models
     from gen.config import Config
-    from gen.train import CHECKPOINT, train as run_training
+    from gen.run_folder import CHECKPOINT
+    from gen.train import train as run_training
 
     # The options typed on the command line. (The source is compared by name: typer 0.29 carries
     # its own copy of click's ParameterSource enum.)

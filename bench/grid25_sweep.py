@@ -104,7 +104,8 @@ def run_one(job: dict) -> dict:
     from gen import checkpoint, models, plots, rng
     from gen.config import Config, resolve
     from gen.data import load
-    from gen.train import CHECKPOINT, train
+    from gen.run_folder import CHECKPOINT
+    from gen.train import train
 
     name, seed, steps, settings, out = job["name"], job["seed"], job["steps"], job["settings"], Path(job["out"])
     tag = f"{name}_seed{seed}"

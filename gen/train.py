@@ -1,14 +1,5 @@
-"""The training loop: any model family, one compiled step, a run folder on disk.
-
-    runs/NAME/
-      config.json          the resolved Config
-      checkpoint.safetensors   whole training state + metadata (gen/checkpoint.py)
-      metrics.jsonl        one JSON object per log step and per evaluation
-      samples.png          a grid of samples (a scatter plot for 2D data)
-      loss.png             the logged losses against the step
-      samples/step_N.png   fixed-noise samples every --sample-every steps
-      summary.json         the final metrics, evaluation and timings
-      .lock                flock'ed while a process trains here (_run_lock)
+"""The training loop: any model family, one compiled step, a run folder on disk
+(gen/run_folder.py: its files, and the rules that keep them whole).
 
 The step is built once, compiled once (gen/compilation.py: one graph, static
 shapes, the state's buffers donated, Dynamo's guards skipped once warm) and
@@ -27,28 +18,22 @@ step's state); a second Ctrl-C stops at once and keeps the last checkpoint
 on disk, never writing a half-updated state.
 """
 
-import json
 import math
-import os
 import signal
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
     TimeRemainingColumn
 
-from gen import checkpoint, compilation, data, models, plots, rng
+from gen import checkpoint, compilation, data, models, plots, rng, run_folder
 from gen.config import Config, resolve, validate
 from gen.device import autocast_step, resolve_device, synchronize
 from gen.tree import leaves, to_device
-
-CHECKPOINT = checkpoint.FILE_NAME
-LOCK = ".lock"  # held (flock) by the process writing into a run folder
 
 
 def prepare(config: Config) -> tuple[Config, models.Family, data.Dataset]:
@@ -83,8 +68,8 @@ def train(config: Config, out: str | Path, resume: bool = False, show_progress: 
     compilation.check_compile_cache()  # before anything imports Dynamo, compiling or not
     config, family, dataset = prepare(config)
     out = Path(out)
-    checkpoint_path = out / CHECKPOINT
-    _check_run_folder(out, resume)
+    checkpoint_path = out / run_folder.CHECKPOINT
+    run_folder.check(out, resume)
     device = resolve_device(config.device)
     shape = dataset.shape
     per_step = family.batches_per_step(config)
@@ -93,18 +78,15 @@ def train(config: Config, out: str | Path, resume: bool = False, show_progress: 
     start_step = 0
     if resume:
         state, start_step = _resumed_state(checkpoint_path, config, shape, state, total_steps)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"cannot create the run folder {out} ({error.strerror}): choose another --out") from None
-    with _run_lock(out):
+    run_folder.create(out)
+    with run_folder.lock(out):
         # Checked again under the lock: another process may have written here since the checks above.
-        _check_run_folder(out, resume)
+        run_folder.check(out, resume)
         if resume and checkpoint.read_metadata(checkpoint_path)["step"] != start_step:
             raise ValueError(f"the checkpoint in {out} changed while this run started (another gen process?): "
                              "run the command again")
-        _write_json(out / "config.json", config.to_dict())
-        history = _restart_metrics(out / "metrics.jsonl", start_step)
+        run_folder.write_json(out / run_folder.CONFIG, config.to_dict())
+        history = run_folder.restart_metrics(out, start_step)
         metadata = {"model": config.model, "config": config.to_dict(), "data_kind": dataset.kind,
                     "shape": list(shape), "steps_per_epoch": steps_per_epoch}
         step_fn, state, layout = _training_step(family, config, shape, state, device)
@@ -162,7 +144,7 @@ def train(config: Config, out: str | Path, resume: bool = False, show_progress: 
                                                 else (1, compile_seconds))
                         row = {"step": done, "epoch": round(done / steps_per_epoch, 4), **row,
                                "samples_per_s": round(steps_timed * config.batch_size * per_step / seconds, 1)}
-                        _append(out / "metrics.jsonl", row, history)
+                        run_folder.append_metrics(out, row, history)
                         if not all(math.isfinite(value) for value in row.values()):
                             _diverged(checkpoint_path, done, "the logged metrics")
                         progress.update(task, status=_status(row))
@@ -173,8 +155,8 @@ def train(config: Config, out: str | Path, resume: bool = False, show_progress: 
                     if end_of_epoch:
                         results = family.evaluate(state, config, dataset, rng.seed_for(config.seed, "eval"))
                         if results:
-                            _append(out / "metrics.jsonl", {"step": done, "epoch": round(done / steps_per_epoch, 4),
-                                                             **results}, history)
+                            evaluation_row = {"step": done, "epoch": round(done / steps_per_epoch, 4), **results}
+                            run_folder.append_metrics(out, evaluation_row, history)
                         save(done)
                         interval_start = time.perf_counter()  # evaluation is not training time
                 interrupt.raise_if_requested()  # a Ctrl-C held through the last step stops the run too
@@ -194,26 +176,11 @@ def train(config: Config, out: str | Path, resume: bool = False, show_progress: 
         summary = {"out": str(out), "steps": total_steps, "device": str(device), "compiled": config.compile,
                    "compile_seconds": compile_seconds, "graphs_compiled": _graph_count() - graphs_before,
                    "final": training_rows[-1] if training_rows else {}, "evaluation": evaluation}
-        _write_json(out / "summary.json", summary)
+        run_folder.write_json(out / run_folder.SUMMARY, summary)
         return summary
 
 
 # --- the run's parts, in the order train() uses them -----------------------------------
-
-
-def _check_run_folder(out: Path, resume: bool) -> None:
-    """A new run needs a new or empty folder (or one a run left before its first checkpoint);
-    a resume needs the folder's checkpoint."""
-    checkpoint_path = out / CHECKPOINT
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a run folder: choose a directory")
-    if checkpoint_path.exists() and not resume:
-        raise ValueError(f"{out} already holds a checkpoint: pass --resume to continue it or choose another --out")
-    if not resume and out.is_dir() and any(out.iterdir()) and not _unsaved_run(out):
-        # Its config.json, metrics.jsonl or pictures may be someone else's files.
-        raise ValueError(f"--out {out} is not empty: a new run needs a new or empty folder; choose another --out")
-    if resume and not checkpoint_path.exists():
-        raise ValueError(f"nothing to resume: {checkpoint_path} does not exist")
 
 
 def _run_length(config: Config, train_size: int, per_step: int) -> tuple[Config, int, int]:
@@ -281,7 +248,7 @@ def _interrupted(out: Path, steps_done: int, total_steps: int, state_is_whole: b
     """What a Ctrl-C leaves: a whole state has been saved (at `steps_done`); a second Ctrl-C
     inside a step leaves a half-written state, so the checkpoint on disk is what is kept."""
     if not state_is_whole:
-        if not (out / CHECKPOINT).exists():
+        if not (out / run_folder.CHECKPOINT).exists():
             return (f"interrupted inside step {steps_done + 1}, before the run's first checkpoint: nothing to "
                     f"resume; remove {out} and start again")
         return f"interrupted inside step {steps_done + 1}; the last checkpoint in {out} is kept: continue with --resume"
@@ -323,57 +290,6 @@ class _InterruptAtStepBoundary:
             raise KeyboardInterrupt
 
 
-@contextmanager
-def _run_lock(out: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the run folder `out` while a run writes into it: a second gen
-    process training into the same folder (a new run or a resume) stops with one line instead of
-    interleaving its log and checkpoints with this one's. The kernel drops an flock when its
-    process ends, however it ends, so a killed run leaves no stale lock (the empty file stays).
-    Where there is no flock (Windows, some network file systems) runs go unguarded."""
-    try:
-        import fcntl
-    except ImportError:
-        fcntl = None
-    if fcntl is None:  # outside the except clause: errors in the run must not read as this one's
-        yield
-        return
-    lock = out / LOCK
-    try:  # read-only: flock needs no write access, and another user's run may have made the file;
-        # not through a symbolic link, which would create a file outside the run folder
-        descriptor = os.open(lock, os.O_RDONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
-    except OSError as error:
-        raise ValueError(f"cannot open the run folder's lock file {lock} ({error.strerror}): remove it if it "
-                         "is not an empty file gen made, else check the folder's permissions") from None
-    try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(f"another gen process is training in {out}: wait for it to finish, or choose "
-                             "another --out") from None
-        except OSError:  # a file system without locks
-            pass
-        yield
-    finally:
-        os.close(descriptor)
-
-
-def _unsaved_run(out: Path) -> bool:
-    """Whether `out` holds only what a gen run writes before its first checkpoint (its config.json,
-    metrics.jsonl, samples/): a run that diverged, ran out of memory or was killed early, which a
-    new run may take over. Anything else in it, or a config.json gen did not write, is not that."""
-    names = {entry.name for entry in out.iterdir()}
-    if not names <= {"config.json", "metrics.jsonl", "samples", LOCK}:
-        return False
-    if names <= {LOCK}:  # a run stopped before it wrote anything
-        return True
-    try:
-        written = json.loads((out / "config.json").read_text())
-    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested too deep to parse
-        return False
-    known = set(Config.__dataclass_fields__)
-    return isinstance(written, dict) and {"model", "data", "seed"} <= written.keys() <= known
-
-
 def _batch(train_data: torch.Tensor, config: Config, per_step: int, epoch: int, index: int) -> torch.Tensor:
     """Batch `index` of `epoch`: (B, ...) or (batches_per_step, B, ...)."""
     size = config.batch_size * per_step
@@ -408,47 +324,3 @@ def _progress(show: bool) -> Progress:
 def _graph_count() -> int:
     from torch._dynamo.utils import counters
     return counters["stats"]["unique_graphs"]
-
-
-def _append(path: Path, row: dict, history: list[dict]) -> None:
-    history.append(row)
-    with open(path, "a") as handle:
-        handle.write(json.dumps(checkpoint.json_safe(row), allow_nan=False) + "\n")  # a diverged NaN as null
-
-
-def _restart_metrics(path: Path, start_step: int) -> list[dict]:
-    """Keep the log rows up to the checkpoint's step (a crash may have logged past it)."""
-    if not path.exists():
-        return []
-    if not path.is_file():
-        raise ValueError(f"{path} is not a file, so the run's log cannot be kept: move it aside and resume again")
-    rows = []
-    for line in path.read_bytes().splitlines():
-        try:
-            row = json.loads(line)
-        # a line cut short by a crash (JSONDecodeError), not UTF-8, an integer past 4,300 digits
-        # (ValueError), or nested too deep to parse (RecursionError)
-        except (ValueError, RecursionError):
-            continue
-        if _is_metrics_row(row) and row["step"] <= start_step:
-            # An older gen logged an undefined reverse KL as Infinity: kept rows lose non-finite
-            # fields, as the metric is now left out, so the rewritten log is strict JSON.
-            rows.append({name: value for name, value in row.items()
-                         if not (isinstance(value, float) and not math.isfinite(value))})
-    text = "".join(json.dumps(row, allow_nan=False) + "\n" for row in rows)
-    checkpoint.write_text(path, text)
-    return rows
-
-
-def _is_metrics_row(row) -> bool:
-    """Whether a parsed line is one gen logs: an object of numbers with a step of at least 1, every
-    integer within int64. Anything else (an edited or foreign line) would break the loss plot and
-    the summary (an integer too large for a float stops matplotlib), and is dropped."""
-    def number(value) -> bool:
-        return type(value) is float or (type(value) is int and -2**63 <= value < 2**63)
-    return (isinstance(row, dict) and type(row.get("step")) is int and row["step"] >= 1
-            and all(number(value) for value in row.values()))
-
-
-def _write_json(path: Path, value: dict) -> None:
-    checkpoint.write_text(path, json.dumps(checkpoint.json_safe(value), indent=2, allow_nan=False) + "\n")

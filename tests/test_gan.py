@@ -301,20 +301,20 @@ def test_sampling_and_evaluation_use_the_ema_weights(model, shape):
 
 
 def test_ema_and_lr_decay_survive_checkpoint_resume_exactly(tmp_path):
-    from gen import checkpoint, train as training
+    from gen import checkpoint, run_folder, train as training
     config = Config(model="gan", data="ring8", hidden_dim=16, batch_size=64, steps=8, ema_decay=0.9,
                     lr_schedule="linear", decay_steps=8, compile=False, log_every=4)
     training.train(config, tmp_path / "straight", show_progress=False)
     training.train(Config(**{**config.to_dict(), "steps": 4}), tmp_path / "resumed", show_progress=False)
     # the half-way checkpoint lays out like a fresh state (conform checks names, shapes, order)
-    half, _ = checkpoint.load(tmp_path / "resumed" / training.CHECKPOINT)
+    half, _ = checkpoint.load(tmp_path / "resumed" / run_folder.CHECKPOINT)
     fresh = gan.init(family_config("gan", **{k: v for k, v in config.to_dict().items() if k != "model"}), (2,), 0)
     conformed = checkpoint.conform("half", half, fresh)
     assert list(conformed) == list(fresh) == ["params", "opt_state", "ema"]
     assert list(conformed["ema"]) == list(fresh["ema"])
     training.train(config, tmp_path / "resumed", resume=True, show_progress=False)
-    straight, _ = checkpoint.load(tmp_path / "straight" / training.CHECKPOINT)
-    resumed, metadata = checkpoint.load(tmp_path / "resumed" / training.CHECKPOINT)
+    straight, _ = checkpoint.load(tmp_path / "straight" / run_folder.CHECKPOINT)
+    resumed, metadata = checkpoint.load(tmp_path / "resumed" / run_folder.CHECKPOINT)
     assert metadata["step"] == 8
     for part in ("params", "ema"):
         for name, tensor in straight[part].items():

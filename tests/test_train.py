@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from gen import checkpoint, compilation, rng, train as training, vae
+from gen import checkpoint, compilation, rng, run_folder, train as training, vae
 from gen.config import Config
 from gen.tree import leaves
 
@@ -64,7 +64,7 @@ def test_compiled_step_builds_one_graph_and_matches_eager(tmp_path, model, monke
     resumed = training.train(Config(**{**config.to_dict(), "epochs": 4}), tmp_path / "compiled", resume=True,
                              show_progress=False)
     assert resumed["steps"] == 44 and layouts == [model == "conv-vae"] * 44 and dynamo_calls == [1, 34]
-    assert checkpoint.load(tmp_path / "compiled" / training.CHECKPOINT)[1]["step"] == 44
+    assert checkpoint.load(tmp_path / "compiled" / run_folder.CHECKPOINT)[1]["step"] == 44
 
 
 def test_bf16_precision_runs_the_step_under_autocast_and_keeps_the_state_float32(tmp_path):
@@ -72,7 +72,7 @@ def test_bf16_precision_runs_the_step_under_autocast_and_keeps_the_state_float32
     full = training.train(config, tmp_path / "float32", show_progress=False)
     half = training.train(Config(**{**config.to_dict(), "precision": "bf16"}), tmp_path / "bf16", show_progress=False)
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["precision"] == "bf16"
-    state, metadata = checkpoint.load(tmp_path / "bf16" / training.CHECKPOINT)
+    state, metadata = checkpoint.load(tmp_path / "bf16" / run_folder.CHECKPOINT)
     assert metadata["config"]["precision"] == "bf16"
     assert all(t.dtype == torch.float32 for t in state["params"].values())
     assert all(t.dtype == torch.float32 for t in state["opt_state"]["mu"].values())
@@ -87,8 +87,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     half = Config(**{**config.to_dict(), "steps": 15})
     training.train(half, tmp_path / "resumed", show_progress=False)
     training.train(config, tmp_path / "resumed", resume=True, show_progress=False)
-    straight, _ = checkpoint.load(tmp_path / "straight" / training.CHECKPOINT)
-    resumed, metadata = checkpoint.load(tmp_path / "resumed" / training.CHECKPOINT)
+    straight, _ = checkpoint.load(tmp_path / "straight" / run_folder.CHECKPOINT)
+    resumed, metadata = checkpoint.load(tmp_path / "resumed" / run_folder.CHECKPOINT)
     assert metadata["step"] == 30
     for name, tensor in straight["params"].items():
         assert torch.equal(tensor, resumed["params"][name]), name
@@ -102,11 +102,11 @@ def test_a_process_first_step_logs_evaluates_and_saves_when_due(tmp_path):
     and a resume by one step, each end with that step's metrics row and checkpoint."""
     config = Config(model="vae", steps=1, log_every=5, compile=False)
     training.train(config, tmp_path, show_progress=False)
-    assert checkpoint.load(tmp_path / training.CHECKPOINT)[1]["step"] == 1
+    assert checkpoint.load(tmp_path / run_folder.CHECKPOINT)[1]["step"] == 1
     assert [row["step"] for row in rows(tmp_path)] == [1, 1]  # its training row, then its evaluation
     assert rows(tmp_path)[0]["samples_per_s"] > 0
     training.train(Config(**{**config.to_dict(), "steps": 2}), tmp_path, resume=True, show_progress=False)
-    assert checkpoint.load(tmp_path / training.CHECKPOINT)[1]["step"] == 2
+    assert checkpoint.load(tmp_path / run_folder.CHECKPOINT)[1]["step"] == 2
     assert [row["step"] for row in rows(tmp_path)] == [1, 1, 2, 2]
 
 
@@ -157,8 +157,8 @@ def test_ctrl_c_inside_a_step_takes_effect_after_it(tmp_path, monkeypatch):
     signalling_step(monkeypatch, at_call=5, signals=1)
     with pytest.raises(KeyboardInterrupt, match="interrupted at step 5"):
         training.train(config, tmp_path / "interrupted", show_progress=False)
-    straight, _ = checkpoint.load(tmp_path / "straight" / training.CHECKPOINT)
-    interrupted, metadata = checkpoint.load(tmp_path / "interrupted" / training.CHECKPOINT)
+    straight, _ = checkpoint.load(tmp_path / "straight" / run_folder.CHECKPOINT)
+    interrupted, metadata = checkpoint.load(tmp_path / "interrupted" / run_folder.CHECKPOINT)
     assert metadata["step"] == 5  # the step under way finished, and is what was saved
     for name, tensor in straight["params"].items():
         assert torch.equal(tensor, interrupted["params"][name]), name
@@ -175,7 +175,7 @@ def test_ctrl_c_inside_the_last_step_stops_the_run_too(tmp_path, monkeypatch):
                                                 r"saved in .* draw samples with `gen sample "):
         training.train(Config(model="vae", steps=5, compile=False), tmp_path, show_progress=False)
     assert saves == [5]  # written once, not again on the way out
-    assert checkpoint.read_metadata(tmp_path / training.CHECKPOINT)["step"] == 5
+    assert checkpoint.read_metadata(tmp_path / run_folder.CHECKPOINT)["step"] == 5
     assert not (tmp_path / "summary.json").exists()
 
 
@@ -184,19 +184,19 @@ def test_second_ctrl_c_inside_a_step_stops_at_once_and_writes_no_checkpoint(tmp_
     with pytest.raises(KeyboardInterrupt, match="interrupted inside step 5, before the run's first checkpoint: "
                                                 "nothing to resume; remove .* and start again"):
         training.train(Config(model="vae", steps=12, compile=False), tmp_path, show_progress=False)
-    assert not (tmp_path / training.CHECKPOINT).exists()
+    assert not (tmp_path / run_folder.CHECKPOINT).exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
 
 
 def test_second_ctrl_c_after_a_checkpoint_keeps_it(tmp_path, monkeypatch):
     config = Config(model="vae", steps=4, compile=False)
     training.train(config, tmp_path, show_progress=False)
-    before = (tmp_path / training.CHECKPOINT).read_bytes()
+    before = (tmp_path / run_folder.CHECKPOINT).read_bytes()
     signalling_step(monkeypatch, at_call=2, signals=2)
     with pytest.raises(KeyboardInterrupt, match="interrupted inside step 6; the last checkpoint .* is kept: "
                                                 "continue with --resume"):
         training.train(Config(**{**config.to_dict(), "steps": 12}), tmp_path, resume=True, show_progress=False)
-    assert (tmp_path / training.CHECKPOINT).read_bytes() == before
+    assert (tmp_path / run_folder.CHECKPOINT).read_bytes() == before
 
 
 def test_interrupt_saves_a_valid_resume_point(tmp_path, monkeypatch):
@@ -211,7 +211,7 @@ def test_interrupt_saves_a_valid_resume_point(tmp_path, monkeypatch):
     config = Config(model="vae", steps=20, compile=False)
     with pytest.raises(KeyboardInterrupt, match="interrupted at step 7"):
         training.train(config, tmp_path, show_progress=False)
-    assert checkpoint.read_metadata(tmp_path / training.CHECKPOINT)["step"] == 7
+    assert checkpoint.read_metadata(tmp_path / run_folder.CHECKPOINT)["step"] == 7
     monkeypatch.setattr(training.rng, "generator", original)
     summary = training.train(config, tmp_path, resume=True, show_progress=False)
     assert summary["final"]["step"] == 20
@@ -238,7 +238,7 @@ def test_a_diverged_run_keeps_its_last_good_checkpoint(tmp_path, monkeypatch):
                                          "the checkpoint of step 11 is kept") as error:
         training.train(config, tmp_path, show_progress=False)
     assert "\n" not in str(error.value)
-    state, metadata = checkpoint.load(tmp_path / training.CHECKPOINT)
+    state, metadata = checkpoint.load(tmp_path / run_folder.CHECKPOINT)
     assert metadata["step"] == 11 and all(torch.isfinite(t).all() for t in leaves(state))
 
 
@@ -309,12 +309,12 @@ def test_a_resume_cannot_lengthen_a_decaying_schedule(tmp_path):
     """Past decay_steps the linear and cosine schedules give lr 0, so extra steps would do nothing."""
     config = Config(model="vae", steps=4, lr_schedule="linear", compile=False)
     training.train(config, tmp_path, show_progress=False)
-    before = (tmp_path / training.CHECKPOINT).read_bytes()
+    before = (tmp_path / run_folder.CHECKPOINT).read_bytes()
     with pytest.raises(ValueError, match="linear learning-rate schedule reaches 0 at step 4, and this run asks "
                                          "for 8 steps: a resume cannot lengthen a decaying run"):
         training.train(Config(**{**config.to_dict(), "steps": 8, "decay_steps": 4}), tmp_path, resume=True,
                        show_progress=False)
-    assert (tmp_path / training.CHECKPOINT).read_bytes() == before
+    assert (tmp_path / run_folder.CHECKPOINT).read_bytes() == before
 
 
 def test_refuses_to_overwrite_a_run_or_resume_nothing(tmp_path):
@@ -335,7 +335,7 @@ def test_a_log_that_is_not_a_file_stops_a_resume_with_one_line(tmp_path):
     (tmp_path / "metrics.jsonl").mkdir()
     with pytest.raises(ValueError, match="metrics.jsonl is not a file, so the run's log cannot be kept: move it aside"):
         training.train(Config(**{**config.to_dict(), "steps": 4}), tmp_path, resume=True, show_progress=False)
-    assert checkpoint.read_metadata(tmp_path / training.CHECKPOINT)["step"] == 2
+    assert checkpoint.read_metadata(tmp_path / run_folder.CHECKPOINT)["step"] == 2
 
 
 def test_a_run_folder_another_process_trains_in_is_refused(tmp_path):
@@ -345,18 +345,18 @@ def test_a_run_folder_another_process_trains_in_is_refused(tmp_path):
     import fcntl
     config = Config(model="vae", steps=2, compile=False)
     training.train(config, tmp_path / "run", show_progress=False)
-    before = (tmp_path / "run" / training.CHECKPOINT).read_bytes()
+    before = (tmp_path / "run" / run_folder.CHECKPOINT).read_bytes()
     (tmp_path / "new").mkdir()
     for out, resume in ((tmp_path / "run", True), (tmp_path / "new", False)):
-        with open(out / training.LOCK, "a") as other_process:
+        with open(out / run_folder.LOCK, "a") as other_process:
             fcntl.flock(other_process, fcntl.LOCK_EX | fcntl.LOCK_NB)
             with pytest.raises(ValueError, match=f"another gen process is training in {out}: wait for it"):
                 training.train(Config(**{**config.to_dict(), "steps": 4}), out, resume=resume, show_progress=False)
-    assert (tmp_path / "run" / training.CHECKPOINT).read_bytes() == before
-    assert [p.name for p in (tmp_path / "new").iterdir()] == [training.LOCK]  # nothing written
+    assert (tmp_path / "run" / run_folder.CHECKPOINT).read_bytes() == before
+    assert [p.name for p in (tmp_path / "new").iterdir()] == [run_folder.LOCK]  # nothing written
     training.train(config, tmp_path / "new", show_progress=False)  # the lock's file alone: a fresh folder
     training.train(Config(**{**config.to_dict(), "steps": 4}), tmp_path / "run", resume=True, show_progress=False)
-    assert checkpoint.read_metadata(tmp_path / "run" / training.CHECKPOINT)["step"] == 4
+    assert checkpoint.read_metadata(tmp_path / "run" / run_folder.CHECKPOINT)["step"] == 4
 
 
 def test_a_checkpoint_written_while_a_run_starts_is_not_overwritten(tmp_path, monkeypatch):
@@ -364,42 +364,42 @@ def test_a_checkpoint_written_while_a_run_starts_is_not_overwritten(tmp_path, mo
     config = Config(model="vae", steps=2, compile=False)
     training.train(config, tmp_path / "run", show_progress=False)
     training.train(Config(**{**config.to_dict(), "steps": 3}), tmp_path / "later", show_progress=False)
-    later = (tmp_path / "later" / training.CHECKPOINT).read_bytes()
-    lock = training._run_lock
+    later = (tmp_path / "later" / run_folder.CHECKPOINT).read_bytes()
+    lock = run_folder.lock
 
     def lock_after_another_save(out):
-        (tmp_path / "run" / training.CHECKPOINT).write_bytes(later)  # the other process's step 3
+        (tmp_path / "run" / run_folder.CHECKPOINT).write_bytes(later)  # the other process's step 3
         return lock(out)
-    monkeypatch.setattr(training, "_run_lock", lock_after_another_save)
+    monkeypatch.setattr(run_folder, "lock", lock_after_another_save)
     with pytest.raises(ValueError, match="changed while this run started \\(another gen process\\?\\): run "):
         training.train(Config(**{**config.to_dict(), "steps": 4}), tmp_path / "run", resume=True, show_progress=False)
-    assert (tmp_path / "run" / training.CHECKPOINT).read_bytes() == later
+    assert (tmp_path / "run" / run_folder.CHECKPOINT).read_bytes() == later
 
 
 def test_a_checkpoint_written_while_a_new_run_starts_is_not_overwritten(tmp_path, monkeypatch):
     config = Config(model="vae", steps=2, compile=False)
     training.train(config, tmp_path / "other", show_progress=False)
-    theirs = (tmp_path / "other" / training.CHECKPOINT).read_bytes()
-    lock = training._run_lock
+    theirs = (tmp_path / "other" / run_folder.CHECKPOINT).read_bytes()
+    lock = run_folder.lock
 
     def lock_after_another_run_saved(out):
-        (out / training.CHECKPOINT).write_bytes(theirs)
+        (out / run_folder.CHECKPOINT).write_bytes(theirs)
         return lock(out)
-    monkeypatch.setattr(training, "_run_lock", lock_after_another_run_saved)
+    monkeypatch.setattr(run_folder, "lock", lock_after_another_run_saved)
     with pytest.raises(ValueError, match="already holds a checkpoint: pass --resume"):
         training.train(config, tmp_path / "run", show_progress=False)
-    assert (tmp_path / "run" / training.CHECKPOINT).read_bytes() == theirs
+    assert (tmp_path / "run" / run_folder.CHECKPOINT).read_bytes() == theirs
 
 
 def test_a_lock_file_that_is_a_folder_or_a_link_is_named(tmp_path):
     """A link would have created a file wherever it pointed; a folder had been blamed on permissions."""
     config = Config(model="vae", steps=2, compile=False)
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / training.LOCK).mkdir()
+    (tmp_path / "run" / run_folder.LOCK).mkdir()
     (tmp_path / "linked").mkdir()
-    (tmp_path / "linked" / training.LOCK).symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "linked" / run_folder.LOCK).symlink_to(tmp_path / "elsewhere")
     for out in (tmp_path / "run", tmp_path / "linked"):
-        with pytest.raises(ValueError, match=f"cannot open the run folder's lock file {out / training.LOCK} .*: "
+        with pytest.raises(ValueError, match=f"cannot open the run folder's lock file {out / run_folder.LOCK} .*: "
                                              "remove it if it is not an empty file gen made"):
             training.train(config, out, show_progress=False)
     assert not (tmp_path / "elsewhere").exists()
@@ -409,11 +409,11 @@ def test_without_flock_a_run_goes_unguarded_and_its_errors_stay_its_own(tmp_path
     """Windows has no fcntl: runs train, and an error inside one is not chained to the failed import."""
     monkeypatch.setitem(sys.modules, "fcntl", None)
     with pytest.raises(RuntimeError) as error:
-        with training._run_lock(tmp_path):
+        with run_folder.lock(tmp_path):
             raise RuntimeError("inside the run")
     assert error.value.__context__ is None
     training.train(Config(model="vae", steps=2, compile=False), tmp_path / "run", show_progress=False)
-    assert not (tmp_path / "run" / training.LOCK).exists()
+    assert not (tmp_path / "run" / run_folder.LOCK).exists()
 
 
 def test_a_new_run_refuses_a_folder_that_is_not_empty(tmp_path):
@@ -433,7 +433,7 @@ def test_a_new_run_refuses_a_folder_that_is_not_empty(tmp_path):
         training.train(Config(model="vae", steps=2, compile=False), tmp_path, show_progress=False)
     (tmp_path / "notes.txt").unlink()  # only what a run writes before its first checkpoint: taken over
     training.train(Config(model="vae", steps=2, compile=False), tmp_path, show_progress=False)
-    assert checkpoint.read_metadata(tmp_path / training.CHECKPOINT)["step"] == 2
+    assert checkpoint.read_metadata(tmp_path / run_folder.CHECKPOINT)["step"] == 2
 
 
 @pytest.mark.parametrize("config, message", [
