@@ -9,7 +9,7 @@ from torch.func import functional_call
 
 from gen import data, dcgan, gan, models, rng
 from gen.config import Config, resolve
-from gen.tree import take
+from gen.tree import take, with_prefix
 
 
 def family_config(name: str, **overrides) -> Config:
@@ -101,6 +101,81 @@ def test_spectral_normalisation_converges_to_matrix_two_norm():
     new, _ = gan.make_step(config, (2,))(state0, torch.randn(8, 2), noise(config, (2,), 8))
     assert torch.equal(state0["model_state"]["discriminator.hidden1.u"], u_before)
     assert not torch.equal(new["model_state"]["discriminator.hidden1.u"], u_before)
+
+
+def test_spectral_norm_applies_to_every_discriminator_layer_and_evaluation_keeps_u():
+    """W / σ(W) is the same for any positive multiple of W (with the same u, the power step and
+    σ scale alike), so scaling every layer's weight by its own constant must leave SNGAN's logits
+    and new u exactly as they were; a layer left unnormalised would change them. Evaluation
+    (training=False) reads u and returns it unchanged."""
+    for shape in ((2,), (1, 8, 8)):
+        config = family_config("sngan", hidden_dim=16, batch_size=8)
+        state = gan.init(config, shape, 0)
+        _, apply_discriminator = gan.networks(config, shape)
+        d_params, d_state = take(state["params"], "discriminator"), take(state["model_state"], "discriminator")
+        x = torch.randn(8, *shape, generator=torch.Generator().manual_seed(1))
+        logits, new_state = apply_discriminator(d_params, d_state, x, True)
+        weights = [name for name in d_params if name.endswith("weight")]
+        assert {f"{name[:-len('.weight')]}.u" for name in weights} == set(d_state)  # every layer has its u
+        scaled = {name: value * (3.0 + i) if name in weights else value
+                  for i, (name, value) in enumerate(d_params.items())}
+        scaled_logits, scaled_state = apply_discriminator(scaled, d_state, x, True)
+        torch.testing.assert_close(scaled_logits, logits, rtol=1e-4, atol=1e-5)
+        for name in d_state:
+            torch.testing.assert_close(scaled_state[name], new_state[name], rtol=1e-4, atol=1e-6)
+            if d_state[name].numel() > 1:  # a one-output layer's u is always 1
+                assert not torch.equal(new_state[name], d_state[name])  # training advanced u
+        _, evaluated_state = apply_discriminator(d_params, d_state, x, False)
+        assert all(torch.equal(evaluated_state[name], d_state[name]) for name in d_state)
+
+
+def test_dcgan_initialisation_is_the_papers():
+    """DCGAN §4: weights N(0, 0.02), batch-norm scales N(1, 0.02), every bias 0."""
+    generator = torch.Generator().manual_seed(0)
+    (g_params, _), (d_params, _) = (dcgan.generator_init(generator, (1, 28, 28), 100),
+                                    dcgan.discriminator_init(generator, (1, 28, 28)))
+    for name, value in {**with_prefix("generator", g_params), **with_prefix("discriminator", d_params)}.items():
+        if name.endswith("bias"):
+            assert torch.equal(value, torch.zeros_like(value)), name
+            continue
+        centre = 1.0 if name.endswith("norm.weight") else 0.0
+        assert abs(value.mean().item() - centre) < 0.01 and 0.015 < value.std().item() < 0.025, name
+
+
+def test_mlp_generator_images_pass_through_tanh():
+    """The plain GAN's MLP generator on images ends in tanh, so samples stay in [0, 1] however far
+    the last layer pushes them."""
+    config, shape = family_config("gan", hidden_dim=16, batch_size=8), (1, 8, 8)
+    state = gan.init(config, shape, 0)
+    state["params"]["generator.output.bias"] = torch.full_like(state["params"]["generator.output.bias"], 10.0)
+    images = gan.generate(state, config, shape, 4, torch.Generator().manual_seed(0))
+    assert images.max() <= 1 and images.min() > 0.99
+
+
+def test_each_critic_update_takes_its_own_batch_noise_and_interpolation():
+    """WGAN-GP with n_critic = 3: update k reads real batch k, z_k and ε_k. Three SGD updates
+    (no momentum) unrolled here from the networks and gradient_penalty give the step's critic."""
+    config, shape = family_config("wgan-gp", hidden_dim=16, batch_size=8, n_critic=3, optimizer="sgd",
+                                  momentum=0.0, lr=0.05), (2,)
+    inputs = noise(config, shape, 8)
+    real = torch.randn(3, 8, *shape, generator=torch.Generator().manual_seed(1))
+    state = gan.init(config, shape, 0)
+    updated, _ = gan.make_step(config, shape)(state, real, inputs)
+
+    apply_generator, apply_discriminator = gan.networks(config, shape)
+    g_params, d_params = take(state["params"], "generator"), take(state["params"], "discriminator")
+    for k in range(3):
+        fake, _ = apply_generator(g_params, {}, inputs["z_discriminator"][k], True)
+
+        def critic_loss(d):
+            critic = lambda x: apply_discriminator(d, {}, x, True)[0]  # noqa: E731
+            penalty = gan.gradient_penalty(critic, real[k], fake, inputs["epsilon"][k])
+            return (critic(fake) - critic(real[k])).mean() + config.gp_weight * penalty.mean()
+
+        gradient = torch.func.grad(critic_loss)(d_params)
+        d_params = {name: value - config.lr * gradient[name] for name, value in d_params.items()}
+    for name, value in d_params.items():
+        torch.testing.assert_close(updated["params"][f"discriminator.{name}"], value, rtol=1e-4, atol=1e-6)
 
 
 # --- DCGAN against an nn.Module built from the same spec -----------------------------

@@ -52,6 +52,11 @@ def test_conv2d_and_conv_transpose2d_match_torch():
     torch.testing.assert_close(y, functional_call(module, params, (x,)))
     # torch's fan-in for a transposed conv weight (in, out, k, k) is out * k * k
     assert params["weight"].abs().max() <= 1 / (5 * 16) ** 0.5
+    # and for a convolution's (out, in, k, k) it is in * k * k: U(-1/√48, 1/√48) for both tensors
+    params = nn.conv2d_init(generator(), 3, 8, 4)
+    for name in ("weight", "bias"):
+        largest = params[name].abs().max()
+        assert 0.8 / (3 * 16) ** 0.5 < largest <= 1 / (3 * 16) ** 0.5, name
 
 
 conv_cases = st.fixed_dictionaries({

@@ -130,6 +130,18 @@ def test_optimizer_names_select_their_update(optimizer, expected):
     assert float(new_params["w"]) == pytest.approx(expected, rel=1e-5)
 
 
+def test_sgd_uses_the_configured_momentum():
+    """Two steps with gradient 2: the second moves by lr (μ g + g), so momentum shows (the first
+    step's buffer is g whatever μ is)."""
+    config = resolve(Config(optimizer="sgd", lr=0.1, momentum=0.9), {})
+    chosen = models.make_optimizer(config)
+    params, gradient = {"w": torch.tensor([1.0])}, {"w": torch.tensor([2.0])}
+    state = chosen.init(params)
+    for _ in range(2):
+        params, state = chosen.update(gradient, state, params)
+    assert float(params["w"]) == pytest.approx(1.0 - 0.1 * 2.0 - 0.1 * (0.9 * 2.0 + 2.0), rel=1e-5)
+
+
 def test_the_vae_test_loss_is_the_negative_elbo_whatever_beta_trains():
     """β weights the KL term in training only; the reported test loss is the β = 1 bound."""
     dataset = data.load("digits")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn as tnn
 from torch.distributions import Bernoulli, Normal, kl_divergence
 
-from gen import models, vae
+from gen import data, models, vae
 from gen.config import Config, resolve
 
 
@@ -129,6 +129,27 @@ def test_iwae_bound_tightens_with_k():
     losses = [vae.negative_iwae_bound(vae.mlp_encode, decode, params, x, torch.randn(k, 512, 20, generator=g))
               ["loss"].mean().item() for k in (1, 10, 100)]
     assert losses[0] > losses[1] > losses[2]  # -L_1 >= -L_10 >= -L_100 on average
+
+
+def test_evaluate_averages_both_bounds_over_the_whole_test_set():
+    """The test metrics are per-image means over every test image, whatever the evaluation batch
+    (297 digits in batches of 100, the last one ragged): the β = 1 ELBO with one ε per image, and
+    the IWAE bound with the run's k samples, drawn in that order from the evaluation seed."""
+    dataset = data.load("digits")
+    config = config_for("vae", iwae_k=4, beta=3.0, hidden_dim=32, latent_dim=4)
+    params = vae.init(config, dataset.shape, 0)["params"]
+    results = vae.evaluate({"params": params}, config, dataset, seed=3, batch_size=100)
+    elbo = vae.objective(config_for("vae", hidden_dim=32, latent_dim=4), dataset.shape)  # β = 1, k = 1
+    iwae = vae.objective(config, dataset.shape)
+    generator = torch.Generator().manual_seed(3)
+    totals = dict.fromkeys(("test_loss", "test_reconstruction", "test_kl", "test_iwae_loss"), 0.0)
+    for x in dataset.test.split(100):
+        terms = elbo(params, x, torch.randn(len(x), 4, generator=generator))
+        for name in ("loss", "reconstruction", "kl"):
+            totals[f"test_{name}"] += terms[name].sum().item()
+        totals["test_iwae_loss"] += iwae(params, x, torch.randn(4, len(x), 4, generator=generator))["loss"].sum().item()
+    assert results == pytest.approx({name: total / 297 for name, total in totals.items()}, rel=1e-6)
+    assert results["test_loss"] == pytest.approx(results["test_reconstruction"] + results["test_kl"], rel=1e-6)
 
 
 @pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28)])
