@@ -47,6 +47,11 @@ def test_conform_restores_key_order_and_rejects_other_shapes(saved):
     del other["params"]["encoder.fc.bias"]
     with pytest.raises(checkpoint.CheckpointError, match="does not match"):
         checkpoint.conform(path, loaded, other)
+    # a state saved in another precision would resume silently in it: the run's dtype is asked for
+    other = make_state()
+    other["params"]["encoder.fc.weight"] = torch.zeros(3, 4, dtype=torch.float64)
+    with pytest.raises(checkpoint.CheckpointError, match="float64"):
+        checkpoint.conform(path, loaded, other)
 
 
 def test_failed_write_leaves_the_old_checkpoint_intact(saved, monkeypatch):
@@ -157,9 +162,21 @@ def test_a_symlinked_checkpoint_is_saved_and_synced_in_its_targets_folder(tmp_pa
     assert synced == [tmp_path / "elsewhere"]  # the rename's folder is the one made durable
 
 
+def test_a_checkpoint_reaches_the_disk_before_it_replaces_the_old_one(tmp_path, monkeypatch):
+    """The new file is fsynced, then renamed over the old one, then its folder is fsynced: after a
+    power loss the name points at the old checkpoint or a whole new one, never at unwritten data."""
+    events = []
+    real_fsync, real_replace = checkpoint.os.fsync, checkpoint.os.replace
+    monkeypatch.setattr(checkpoint.os, "fsync", lambda fd: events.append("fsync") or real_fsync(fd))
+    monkeypatch.setattr(checkpoint.os, "replace", lambda a, b: events.append("replace") or real_replace(a, b))
+    monkeypatch.setattr(checkpoint, "_fsync_directory", lambda folder: events.append("fsync folder"))
+    checkpoint.save(tmp_path / "checkpoint.safetensors", make_state(), META)
+    assert events == ["fsync", "replace", "fsync folder"]
+
+
 DAMAGED_METADATA = {"config-not-object": {"config": "vae"}, "no-shape": {"shape": None},
                     "shape-of-strings": {"shape": ["1", "8", "8"]}, "step-not-int": {"step": "7"},
-                    "epoch-not-number": {"epoch": "one"}, "negative-step": {"step": -1}}
+                    "step-bool": {"step": True}, "epoch-not-number": {"epoch": "one"}, "negative-step": {"step": -1}}
 
 
 def corrupt(path, kind):
@@ -203,6 +220,7 @@ def corrupt(path, kind):
     ("no-config", "incomplete metadata \\('config' missing or not a JSON object\\)"),
     ("config-not-object", "'config' missing or not a JSON object"), ("no-shape", "'shape' missing or not a list"),
     ("shape-of-strings", "'shape' is not a list of positive sizes"), ("step-not-int", "'step' missing or not an integer"),
+    ("step-bool", "'step' missing or not an integer"),
     ("epoch-not-number", "'epoch' is not a number"), ("negative-step", "a negative 'step'"),
     ("future-version", "checkpoint format 99"), ("nested-json", "damaged metadata"), ("huge-integer", "damaged metadata"),
     ("tensor-and-folder", "its tensor names do not form a state \\('params/w' lies under 'params', which is a tensor\\)"),

@@ -20,7 +20,7 @@ def test_linear_decay_starts_at_lr_and_falls_to_zero_after_the_run():
 
 def test_cosine_decay_follows_the_half_cosine():
     expected = [0.1 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(5)]
-    assert lrs(optim.cosine_decay(0.1, 4), [1, 2, 3, 4, 5]) == pytest.approx(expected, abs=1e-7)
+    assert lrs(optim.cosine_decay(0.1, 4), [1, 2, 3, 4, 5, 6, 9]) == pytest.approx(expected + [0, 0], abs=1e-7)
 
 
 def test_adam_uses_the_scheduled_rate():
@@ -92,10 +92,21 @@ def test_config_from_json_refuses_values_of_the_wrong_type():
     (Config(iwae_k=2**63 - 1), "--iwae-k 9223372036854775807 is too large"),
     (Config(hidden_dim=2**64), "--hidden-dim 18446744073709551616 is too large"),
     (Config(pack=3, batch_size=64), "--batch-size must be a multiple of --pack"),
+    # the edges: a zero rate trains nothing, β₂ = 1 gives Adam NaN at once, μ = 1 never forgets,
+    # a schedule over 0 steps divides by 0, and the first size past the most
+    (Config(lr=0.0), "--lr must be positive"), (Config(b2=1.0), "b2 must be in [0, 1)"),
+    (Config(optimizer="sgd", momentum=1.0), "momentum must be in [0, 1)"),
+    (Config(decay_steps=0), "decay_steps must be at least 1"),
+    (Config(latent_dim=2**31), "--latent-dim 2147483648 is too large"),
 ])
 def test_invalid_settings_are_named(config, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         validate(config)
+
+
+def test_the_largest_allowed_settings_pass():
+    validate(Config(seed=2**64 - 1, latent_dim=2**31 - 1))  # torch.Generator takes seeds up to 2^64 - 1
+    validate(Config(seed=-2**63))
 
 
 def test_adam_with_zero_first_moment_decay_matches_torch():

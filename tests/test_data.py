@@ -47,6 +47,8 @@ def test_idx_pixels_scale_to_the_unit_interval_and_a_raw_file_wins_over_its_gz(t
 
 @pytest.mark.parametrize("content, message", [
     (b"\x01\x00\x08\x01\x00\x00\x00\x01\x05", "bad magic"),
+    (b"\x00\x01\x08\x01\x00\x00\x00\x01\x05", "bad magic"),  # the second of the two zero bytes
+    (b"\x00\x00\x08\x00\x05", "truncated IDX header"),  # no dimensions: a lone number is no data set
     (b"\x00\x00\x0d\x01\x00\x00\x00\x01\x05", "type code 0x0d"),
     (b"\x00\x00\x08\x03\x00\x00", "truncated IDX header"),
     (b"\x00\x00\x08\x01\x00\x00\x00\x09\x05", "header says shape (9,)"),
@@ -167,3 +169,4 @@ def test_batches_are_full_shuffled_deterministic_and_resumable():
     assert torch.equal(next(data.batches(x, 3, seed=0, epoch=0, start=2)), epoch0[2])
     with pytest.raises(data.DataError, match="exceeds"):
         next(data.batches(x, 11, seed=0, epoch=0))
+    assert [len(b) for b in data.batches(x, 10, seed=0, epoch=0)] == [10]  # the whole set is one batch

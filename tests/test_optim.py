@@ -7,14 +7,14 @@ from gen import optim
 from gen.tree import leaves
 
 
-def run_both(functional, make_torch, steps=25, seed=0):
+def run_both(functional, make_torch, steps=25, seed=0, gradient_scale=1.0):
     g = torch.Generator().manual_seed(seed)
     params = {"w": torch.randn(6, 4, generator=g), "b": torch.randn(4, generator=g)}
     reference = {k: v.clone().requires_grad_() for k, v in params.items()}
     torch_optimizer = make_torch(list(reference.values()))
     state = functional.init(params)
     for _ in range(steps):
-        grads = {k: torch.randn(v.shape, generator=g) for k, v in params.items()}
+        grads = {k: gradient_scale * torch.randn(v.shape, generator=g) for k, v in params.items()}
         params, state = functional.update(grads, state, params)
         for k, p in reference.items():
             p.grad = grads[k].clone()
@@ -35,6 +35,23 @@ def test_matches_torch_optim(functional, make_torch):
     for k in params:
         torch.testing.assert_close(params[k], reference[k].detach(), rtol=1e-5, atol=1e-6)
     assert state["count"].item() == 25
+
+
+def test_adam_adds_eps_after_the_bias_correction():
+    """m̂ / (√v̂ + ε) with v̂ = v / (1 - β₂ᵗ): ε outside the correction, as torch.optim.Adam has it. It
+    shows where gradients are about as small as ε (inside, early steps would see ε / √(1 - β₂ᵗ))."""
+    params, reference, _ = run_both(optim.adam(1e-2, eps=1e-3), lambda p: torch.optim.Adam(p, lr=1e-2, eps=1e-3),
+                                    steps=5, gradient_scale=1e-3)
+    for k in params:
+        torch.testing.assert_close(params[k], reference[k].detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_donate_refuses_a_step_whose_state_changes_shape():
+    """A donated step copies each new leaf into the old one; a state that lost a leaf would leave
+    that leaf stale, silently, so it is an error."""
+    stepped = optim.donate(lambda state: ({"a": state["a"] + 1}, None))
+    with pytest.raises(ValueError):
+        stepped({"a": torch.zeros(2), "b": torch.zeros(2)})
 
 
 def test_update_is_pure():

@@ -120,7 +120,8 @@ def test_resume_drops_log_lines_gen_could_not_have_written(tmp_path):
             b'{"step": 5, "modes_captured": 0, "reverse_kl": Infinity}',  # an older gen's undefined KL
             b'{"step": 1, "loss": 1' + b"0" * 400 + b'}',  # an integer no float holds: matplotlib's OverflowError
             b'{"step": -' + b"9" * 30 + b', "loss": 1.0}', b'{"step": 0, "loss": 1.0}',
-            b"[" * 100_000 + b"]" * 100_000]  # too deep for json: RecursionError
+            b"[" * 100_000 + b"]" * 100_000,  # too deep for json: RecursionError
+            b'{"step": 7, "loss": 1.0}']  # a well-formed row past the checkpoint's step: a crash logged it
     (tmp_path / "metrics.jsonl").write_bytes(kept + b"\n".join(junk) + b"\n")
     training.train(config, tmp_path, resume=True, show_progress=False)
 
@@ -431,7 +432,13 @@ def test_a_new_run_refuses_a_folder_that_is_not_empty(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="is not empty"):
         training.train(Config(model="vae", steps=2, compile=False), tmp_path, show_progress=False)
-    (tmp_path / "notes.txt").unlink()  # only what a run writes before its first checkpoint: taken over
+    (tmp_path / "notes.txt").unlink()
+    # a config.json with gen's names and others of its own is not gen's
+    (tmp_path / "config.json").write_text(json.dumps({"model": "vae", "data": "digits", "seed": 0, "owner": "me"}))
+    with pytest.raises(ValueError, match="is not empty"):
+        training.train(Config(model="vae", steps=2, compile=False), tmp_path, show_progress=False)
+    # only what a run writes before its first checkpoint: taken over
+    (tmp_path / "config.json").write_text(json.dumps(Config(model="vae").to_dict()))
     training.train(Config(model="vae", steps=2, compile=False), tmp_path, show_progress=False)
     assert checkpoint.read_metadata(tmp_path / run_folder.CHECKPOINT)["step"] == 2
 

@@ -1,10 +1,11 @@
 """gen.tree: the state's nested dicts, their leaf order, and rebuilding a tree from its leaves."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gen.tree import flatten, leaves, unflatten, with_leaves
+from gen.tree import flatten, leaves, to_device, unflatten, with_leaves
 
 names = st.text(alphabet="abcxyz.", min_size=1, max_size=4).filter(lambda s: "/" not in s)
 trees = st.recursive(st.just(None), lambda children: st.dictionaries(names, children, max_size=4), max_leaves=12)
@@ -43,3 +44,18 @@ def test_with_leaves_keeps_empty_subtrees_and_flatten_round_trips():
     assert list(rebuilt) == ["params", "model_state", "opt_state"] and rebuilt["model_state"] == {}
     assert rebuilt["opt_state"]["count"].item() == 4
     assert unflatten(flatten(tree))["params"]["w"].tolist() == [1.0, 1.0]
+
+
+def test_unflatten_refuses_a_name_that_is_both_a_tensor_and_a_folder():
+    for flat in ({"a/b": torch.ones(1), "a": torch.ones(1)}, {"a": torch.ones(1), "a/b": torch.ones(1)}):
+        with pytest.raises(ValueError, match="'a"):
+            unflatten(flat)
+
+
+def test_to_device_gives_every_leaf_its_own_storage():
+    """Two leaves sharing one tensor (or the caller's tensor itself) would be one buffer to a donated
+    step and a shared tensor to safetensors, which refuses it."""
+    shared = torch.ones(2)
+    moved = to_device({"a": shared, "b": {"c": shared}}, "cpu")
+    pointers = {moved["a"].untyped_storage().data_ptr(), moved["b"]["c"].untyped_storage().data_ptr()}
+    assert len(pointers) == 2 and shared.untyped_storage().data_ptr() not in pointers
