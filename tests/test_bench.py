@@ -5,16 +5,19 @@ import importlib
 import json
 import os
 import statistics
+import subprocess
 from dataclasses import replace
 
 import pytest
 import torch
 
 from gen import bench, compilation, models, optim
-from gen.bench import harness, report
+from gen.bench import compile_time, harness, report
 from gen.tree import leaves, take
 
 peers = bench.load_peers()
+machine_module = importlib.import_module("gen.bench.machine")  # gen.bench.machine is the function machine()
+modes_module = importlib.import_module("gen.bench.modes")
 SHAPE = (1, 28, 28)
 
 
@@ -408,15 +411,30 @@ def test_a_run_compiles_the_same_function_more_times_than_dynamo_keeps_graphs(mo
     assert len(results) == 10 and [r["error"] for r in results] == [None] * 10
 
 
-def test_time_budget_stops_cleanly_and_writes_what_it_has(tmp_path):
+def test_time_budget_stops_cleanly_and_writes_what_it_has(tmp_path, monkeypatch):
+    # A clock that moves only when a mode is built (40 s each), against a 70 s budget: eager and
+    # module are built (0 -> 40 -> 80), undonated is not (the budget is spent), the built modes get
+    # their one round and no second, and the next group is skipped whole.
+    now = [0.0]
+    built = []
+
+    def make_runner(mode, model, config, shape, device):
+        built.append((model, mode))
+        now[0] += 40
+        return lambda n: None
+
+    monkeypatch.setattr(harness.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(harness, "make_runner", make_runner)
+    monkeypatch.setattr(harness, "matmul_samplers", lambda device: {"torch.mm": lambda: 100.0})
     path = tmp_path / "bench.json"
-    # A budget spent during the first group: its built modes get one round; the next group is skipped.
     results = bench.main(models=["vae", "gan-2d"], batch_sizes=[16], steps=1, repeats=50, device="cpu",
-                         json_path=str(path), modes=["eager", "module"], time_budget=0.05)
+                         json_path=str(path), modes=["eager", "module", "undonated"], time_budget=70)
+    assert built == [("vae", "eager"), ("vae", "module")]
     by_key = {(r["model"], r["mode"]): r for r in results}
-    assert all(by_key[("gan-2d", m)]["error"] == "skipped: time budget spent" for m in ("eager", "module"))
-    assert all(r["error"] in (None, "skipped: time budget spent") for r in results)
-    assert all(1 <= r["repeats"] < 50 for r in results if r["error"] is None)
+    assert [by_key[("vae", m)]["repeats"] for m in ("eager", "module")] == [1, 1]
+    assert [by_key[("vae", m)]["error"] for m in ("eager", "module")] == [None, None]
+    skipped = [("vae", "undonated")] + [("gan-2d", m) for m in ("eager", "module", "undonated")]
+    assert all(by_key[key]["error"] == "skipped: time budget spent" for key in skipped)
     written = json.loads(path.read_text())
     assert written["results"] == results and written["machine"]["complete"] is True
 
@@ -686,3 +704,136 @@ def test_cuda_driver_reads_its_plan_as_gen_bench_reads_models(tmp_path):
     done = subprocess.run(cuda + ["--plan", "gan-2d", "vae:8,16", "--mode", "fast"], capture_output=True, text=True,
                           env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
     assert "attempt 1: 3 group(s)" in done.stdout and " gan-2d:256 vae:8 vae:16 --device" in done.stdout
+
+
+def test_the_harness_arithmetic_on_scripted_timings(tmp_path, monkeypatch, capsys):
+    # Every measured number replaced by a script, so each figure the harness derives can be checked
+    # exactly: samples/s from the median round (not the mean), ms/step, GFLOP/s for every model of a
+    # vmap-N row, the matmul peak as the median over all samples (the start's and one per round) of
+    # the faster library, the rotating order of the modes in each round, and cold/warm compile
+    # seconds on the `compiled` row only.
+    modes = ["compiled", "eager", "vmap-2"]
+    round_seconds = {"compiled": [1.0, 1.0, 4.0], "eager": [2.0, 8.0, 2.0], "vmap-2": [4.0, 4.0, 4.0]}
+    timed = []
+
+    class Runner:
+        def __init__(self, mode):
+            self.mode = mode
+
+        def __call__(self, n):
+            pass
+
+    def scripted_time_mode(runner, steps, device):
+        if steps != 7:  # the first call (1 step) and the warm-up (3 steps)
+            return 0.5
+        timed.append(runner.mode)
+        return round_seconds[runner.mode][sum(m == runner.mode for m in timed) - 1]
+
+    def sampler(rates):
+        rates = iter(rates)
+        return lambda: next(rates)
+
+    # 7 samples at the start, then one per round: oneDNN faster in some, torch.mm in others.
+    mm = [100, 100, 100, 300, 300, 300, 300, 100, 100, 100]
+    onednn = [200, 200, 200, 200, 200, 200, 200, 200, 200, 200]
+    monkeypatch.setattr(harness, "matmul_samplers",
+                        lambda device: {"torch.mm": sampler(mm), "oneDNN": sampler(onednn)})
+    monkeypatch.setattr(harness, "make_runner", lambda mode, model, config, shape, device: Runner(mode))
+    monkeypatch.setattr(harness, "time_mode", scripted_time_mode)
+    monkeypatch.setattr(harness, "flops_per_step", lambda model, config, shape, batch: 3e9)
+    monkeypatch.setattr(harness, "compile_seconds", lambda model, batch_size, device: (10.0, 2.0))
+    path = tmp_path / "bench.json"
+    results = bench.main(models=["wgan-gp"], batch_sizes=[16], steps=7, repeats=3, device="cpu",
+                         json_path=str(path), modes=modes, time_budget=1000.0)
+    assert timed == ["compiled", "eager", "vmap-2", "eager", "vmap-2", "compiled", "vmap-2", "compiled", "eager"]
+    rows = {r["mode"]: r for r in results}
+    per_step = rows["compiled"]["batches_per_step"]
+    assert per_step == 5  # wgan-gp's critic takes n_critic = 5 real batches a step
+    peak = statistics.median([200, 200, 200, 300, 300, 300, 300, 200, 200, 200])
+    for mode, seconds in round_seconds.items():
+        row, members = rows[mode], 2 if mode == "vmap-2" else 1
+        samples = 16 * per_step * members * 7
+        assert row["repeats"] == 3 and row["round_seconds"] == seconds and row["models"] == members
+        assert row["samples_per_s"] == pytest.approx(samples / statistics.median(seconds))
+        assert row["samples_per_s_min"] == pytest.approx(samples / max(seconds))
+        assert row["samples_per_s_max"] == pytest.approx(samples / min(seconds))
+        assert row["ms_per_step"] == pytest.approx(1000 * statistics.median(seconds) / 7)
+        assert row["gflop_per_step"] == pytest.approx(3 * members)
+        assert row["gflops"] == pytest.approx(3 * members / (statistics.median(seconds) / 7))
+        assert row["peak_gflops"] == pytest.approx(peak)
+        assert row["pct_of_peak"] == pytest.approx(100 * row["gflops"] / peak)
+        assert row["first_call_s"] == 0.5
+        compiled = mode == "compiled"
+        assert (row["cold_compile_s"], row["warm_compile_s"]) == ((10.0, 2.0) if compiled else (None, None))
+    compiled_line = next(line for line in capsys.readouterr().out.splitlines() if "│ compiled" in line)
+    assert "560 (140–560)" in compiled_line and "10.0 / 2.0" in compiled_line  # median (min–max), cold / warm
+    machine = json.loads(path.read_text())["machine"]
+    assert machine["time_budget_s"] == 1000.0 and "load_average_after" in machine
+    assert machine["matmul_gflops_at_start"] == {"torch.mm": 300, "oneDNN": 200}
+
+
+def test_the_input_pool_holds_distinct_draws():
+    family, config, shape = bench.model_config("wgan-gp", 8)
+    pool = bench.synthetic_inputs(family, config, shape, torch.device("cpu"))
+    assert len(pool) == modes_module.POOL
+    batches = [batch for batch, _ in pool]
+    noises = [torch.cat([v.flatten() for v in inputs.values()]) for _, inputs in pool]
+    for i in range(len(pool)):
+        for j in range(i):
+            assert not torch.equal(batches[i], batches[j]) and not torch.equal(noises[i], noises[j])
+
+
+@pytest.mark.parametrize("mode, donated", [("compiled", True), ("compiled-bf16", True), ("undonated", False)])
+def test_compiled_modes_lay_out_their_batches_and_donate_as_gen_train_does(monkeypatch, mode, donated):
+    # The compiler replaced by a recorder: which donation each mode asks for, and whether every
+    # batch the step sees went through the layout compile_for_training returned (channels-last).
+    asked, seen = [], []
+
+    def recording_compile(step, state, device, donate, mode=None):
+        asked.append(donate)
+
+        def stepped(state, batch, inputs):
+            seen.append(batch)
+            metrics = {"loss": torch.zeros(())}
+            return metrics if donate else (state, metrics)
+        return stepped, state, lambda batch: ("laid out", batch)
+
+    monkeypatch.setattr(modes_module, "compile_for_training", recording_compile)
+    family, config, shape = bench.model_config("vae", 4)
+    bench.make_runner(mode, "vae", config, shape, torch.device("cpu"))(5)
+    assert asked == [donated]
+    assert len(seen) == 5 and all(isinstance(b, tuple) and b[0] == "laid out" for b in seen)
+
+
+def test_the_matmul_peak_counts_two_n_cubed_flops(monkeypatch):
+    ticks = iter(range(100))
+    monkeypatch.setattr(machine_module.time, "perf_counter", lambda: next(ticks) * 0.5)  # each product: 0.5 s
+    samplers = machine_module.matmul_samplers("cpu", size=4)
+    assert samplers and all(sample() == pytest.approx(2 * 4 ** 3 / 0.5 / 1e9) for sample in samplers.values())
+
+
+def test_the_compile_probe_runs_cold_then_warm_in_one_fresh_cache(monkeypatch):
+    calls = []
+
+    def fake_run(command, env, **kwargs):
+        calls.append(env["TORCHINDUCTOR_CACHE_DIR"])
+        hit = len(calls) == 2
+        seconds = 20.0 if len(calls) == 1 else 3.0
+        return subprocess.CompletedProcess(command, 0, json.dumps(
+            {"seconds": seconds, "cache": {"inductor.fxgraph_cache_hit": int(hit)}}) + "\n", "")
+
+    monkeypatch.setattr(compile_time.subprocess, "run", fake_run)
+    assert compile_time.compile_seconds("vae", 16, torch.device("cpu")) == (20.0, 3.0)
+    assert len(calls) == 2 and calls[0] == calls[1] and "gen-bench-cache-" in calls[0]
+
+
+def test_the_compile_probe_compiles_as_gen_train_does(monkeypatch):
+    asked = []
+
+    def recording_compile(step, state, device, donate, mode=None):
+        asked.append(donate)
+        return (lambda state, batch, inputs: {}), state, (lambda batch: batch)
+
+    monkeypatch.setattr(compile_time, "compile_for_training", recording_compile)
+    assert compile_time.compile_probe("vae", 4, "cpu") >= 0
+    assert asked == [True]
