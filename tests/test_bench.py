@@ -837,3 +837,26 @@ def test_the_compile_probe_compiles_as_gen_train_does(monkeypatch):
     monkeypatch.setattr(compile_time, "compile_for_training", recording_compile)
     assert compile_time.compile_probe("vae", 4, "cpu") >= 0
     assert asked == [True]
+
+
+def test_the_wgan_gp_peer_makes_n_critic_critic_updates_and_one_generator_update():
+    _, config, shape = bench.model_config("wgan-gp", 8)
+    family = models.get("wgan-gp")
+    peer = peers.build("wgan-gp", config, shape, "cpu")
+    steps = {"D": 0, "G": 0}
+    peer.optimizerD.register_step_post_hook(lambda *args: steps.__setitem__("D", steps["D"] + 1))
+    peer.optimizerG.register_step_post_hook(lambda *args: steps.__setitem__("G", steps["G"] + 1))
+    (batch, _), = bench.synthetic_inputs(family, config, shape, torch.device("cpu"))[:1]
+    peer.step(batch)
+    assert config.n_critic == 5 and steps == {"D": 5, "G": 1}
+
+
+@pytest.mark.parametrize("model", list(bench.MODELS))
+def test_the_peers_optimizers_take_the_configs_learning_rate_and_betas(model):
+    _, config, shape = bench.model_config(model, 8)
+    config = replace(config, lr=3e-4, b1=0.3, b2=0.95)
+    peer = peers.build(model, config, shape, "cpu")
+    optimizers = [getattr(peer, name) for name in ("optimizer", "optimizerD", "optimizerG") if hasattr(peer, name)]
+    assert optimizers
+    for optimizer in optimizers:
+        assert all(group["lr"] == 3e-4 and group["betas"] == (0.3, 0.95) for group in optimizer.param_groups)
