@@ -22,9 +22,13 @@ Seven choices, each measured on the 2-core CPU of bench/README.md:
    so after the first call it runs under torch.compiler.set_stance(
    skip_guard_eval_unsafe=True). "Unsafe" is the promise that no input would
    need another graph; the loop keeps it (fixed shapes, a fixed state tree).
-   An input that breaks it is still refused: torch raises "Recompilation
-   triggered" instead of running the wrong graph (tests/test_compilation.py),
-   and tests/test_train.py checks that a run builds one graph and matches eager.
+   A tensor that breaks it is refused: torch raises "Recompilation triggered"
+   instead of running the wrong graph. A Python value is not guarded that way
+   (Dynamo ran the old graph for a scalar 3.0 traced as 2.0, the 2.0 baked in),
+   so a compile_step call whose Python values differ from its first call's has
+   its guards checked even inside steady(), and compiles again (7., and
+   tests/test_compilation.py); tests/test_train.py checks that a run builds one
+   graph and matches eager.
 4. The CPU vector-ISA probe, done once per cache directory (gen/vector_isa.py):
    Inductor's check of which SIMD instruction sets the compiler and CPU support
    costs about 1.1 s of every process, warm cache or not; gen records its verdict
@@ -212,12 +216,22 @@ class DirectStep:
         record = self.record
         if record is not None and _steady.get():
             call_leaves, tree = _flatten(args)
+            if tree != record["tree"]:
+                # Another tree or Python value (a scalar 3.0 where 2.0 was traced): Dynamo with its
+                # guards skipped would run the recorded graph, the old value baked in, and return
+                # a wrong result without a word. So this call has its guards checked: it recompiles.
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=False):
+                    return self.call_dynamo(args)
             tensors = [leaf for leaf in call_leaves if isinstance(leaf, torch.Tensor)]
-            if tree == record["tree"] and _aliasing(tensors) == record["aliasing"] \
+            if _aliasing(tensors) == record["aliasing"] \
                     and record["tensors"].check(*tensors) and record["global_state"].check():
                 sources = record["sources"]
                 outputs = record["graph"](*[call_leaves[i] if i >= 0 else c for i, c in sources])
                 return _rebuild(record["result"], (outputs[i] if i >= 0 else c for i, c in record["results"]))
+        return self.call_dynamo(args)
+
+    def call_dynamo(self, args: tuple):
+        """The call through Dynamo (compiling if its guards ask), recording it if it compiled."""
         self.new_graph = None
         # What a later call must match, taken before this one: a donated step changes its arguments.
         before = GlobalStateGuard(), _flatten(args)

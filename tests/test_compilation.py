@@ -138,8 +138,8 @@ def test_a_direct_call_runs_the_recorded_graph_only_on_calls_it_fits():
     """Compilation is what this test is about (one small pure step, compiled once). The
     record's graph took the one tensor passed as both x and y as one input, reads the state
     by position and was traced without autocast: calls that differ in any of these, or whose
-    recorded tensors changed in place, must not be run on it. (A Python `k` of another type,
-    2.0 for 2, is not here: Dynamo itself runs the int graph for it under steady().)"""
+    recorded tensors changed in place, must not be run on it, and neither may a call with
+    another Python `k` (Dynamo, its guards skipped, would run the graph with k = 2 baked in)."""
     def step(state, x, inputs):
         out = state["a"] * x + 2 * (state["b"] @ inputs["y"])
         return ({"a": state["a"] * 1, "b": state["b"] * 1},
@@ -154,7 +154,8 @@ def test_a_direct_call_runs_the_recorded_graph_only_on_calls_it_fits():
     with compilation.steady():
         assert refused_or_eager(stepped, step, {"a": a, "b": b}, x, {"y": x, "k": 2})
         for case, args in [("x and y apart", ({"a": a, "b": b}, x, {"y": y, "k": 2})),
-                           ("another key order", ({"b": b, "a": a}, x, {"y": x, "k": 2}))]:
+                           ("another key order", ({"b": b, "a": a}, x, {"y": x, "k": 2})),
+                           ("another Python k", ({"a": a, "b": b}, x, {"y": x, "k": 3}))]:
             if not refused_or_eager(stepped, step, *args):
                 wrong.append(case)
         with torch.autocast("cpu", dtype=torch.bfloat16):
