@@ -235,3 +235,21 @@ def test_build_failure_names_only_toolchain_errors():
     compiler_error = exc.CppCompileError(["g++", "k.cpp"], "k.cpp: In function 'f':\nk.cpp:3: error: 'x' undeclared\n")
     assert "(k.cpp:3: error: 'x' undeclared)" in compilation.build_failure(exc.InductorError(compiler_error, None))
     assert compilation.build_failure(RuntimeError("shape mismatch")) is None
+
+
+def test_cpu_steps_compile_with_the_documented_options_and_a_step_may_override_one(monkeypatch):
+    # Building a DirectStep compiles nothing: only its options and the vector-ISA settling are looked at.
+    settled = []
+    monkeypatch.setattr(compilation.vector_isa, "trusted_vector_isa", lambda: settled.append(1))
+
+    def step(state, batch, inputs):
+        return state, {}
+
+    # The C++ wrapper, built apart from the kernels, with Inductor's ISA probe trusted (docstring 4. and 5.).
+    assert compilation.compile_step(step, "cpu").options == \
+        {"cpp.vec_isa_ok": True, "cpp_wrapper": True, "cpp_wrapper_build_separate": True}
+    assert settled == [1]
+    step.inductor_options = {"cpp_wrapper": False}
+    options = compilation.compile_step(step, "cpu").options
+    assert options["cpp_wrapper"] is False and options["cpp_wrapper_build_separate"] is True
+    assert compilation.compile_step(step, "cuda").options is None and settled == [1, 1]
