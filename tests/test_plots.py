@@ -185,11 +185,40 @@ def test_importing_and_drawing_leaves_the_process_backend_alone(tmp_path):
 
 def test_the_scatter_legend_lies_outside_the_axes(tmp_path, monkeypatch):
     """grid25's corner modes sat under a legend drawn inside the axes; it goes below them."""
-    drawn, save = [], Figure.savefig
-    monkeypatch.setattr(Figure, "savefig", lambda figure, *args, **kwargs: drawn.append(figure) or
-                        save(figure, *args, **kwargs))
+    drawn = drawn_figure(monkeypatch)
     corners = torch.tensor([[4.0, 4.0], [-4.0, 4.0], [4.0, -4.0], [-4.0, -4.0]])
     plots.scatter(corners, tmp_path / "scatter.png", reference=corners, title="grid25")
     renderer = FigureCanvasAgg(drawn[0]).get_renderer()
     axes = drawn[0].axes[0]
     assert axes.get_legend().get_window_extent(renderer).y1 <= axes.get_window_extent(renderer).y0
+
+
+def test_a_grid_is_enlarged_by_any_scale_above_one_and_small_images_are_enlarged_to_about_64_pixels(tmp_path):
+    plots.image_grid(torch.zeros(1, 1, 2, 3), tmp_path / "two.png", scale=2)
+    assert read_rgb(tmp_path / "two.png").shape == (4, 6, 3)
+    assert [plots.upscale_for_viewing(side) for side in (8, 28, 32, 100)] == [8, 2, 2, 1]
+
+
+def drawn_figure(monkeypatch) -> list:
+    drawn, save = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda figure, *args, **kwargs: drawn.append(figure) or
+                        save(figure, *args, **kwargs))
+    return drawn
+
+
+def test_loss_curves_draw_every_logged_metric_and_no_rate_or_position(tmp_path, monkeypatch):
+    drawn = drawn_figure(monkeypatch)
+    history = [{"step": s, "epoch": s / 10, "d_loss": 1.0 / s, "g_loss": 2.0 / s, "samples_per_s": 900.0,
+                "elapsed_s": float(s)} for s in (1, 2, 3)]
+    plots.loss_curves(history, tmp_path / "loss.png")
+    axes = drawn[0].axes[0]
+    assert [text.get_text() for text in axes.get_legend().get_texts()] == ["d_loss", "g_loss"]
+    assert [list(line.get_ydata()) for line in axes.get_lines()] == [[1.0, 0.5, 1 / 3], [2.0, 1.0, 2 / 3]]
+
+
+def test_scatter_draws_the_data_under_the_samples(tmp_path, monkeypatch):
+    drawn = drawn_figure(monkeypatch)
+    plots.scatter(torch.ones(3, 2), tmp_path / "s.png", reference=torch.zeros(5, 2))
+    axes = drawn[0].axes[0]
+    assert [text.get_text() for text in axes.get_legend().get_texts()] == ["data", "samples"]
+    assert [len(collection.get_offsets()) for collection in axes.collections] == [5, 3]
