@@ -36,13 +36,18 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "vae-run"
     result = gen("train", "vae", "--steps", 25, "--no-compile", "--no-progress", "--out", out)
     assert result.exit_code == 0, result.output
-    assert "trained 25 steps" in result.output and "test_loss" in result.output
+    assert "trained 25 steps on cpu (eager)" in result.output and "test_loss" in result.output
     return out
 
 
 def test_train_writes_the_run_folder(run):
     for name in ("checkpoint.safetensors", "config.json", "metrics.jsonl", "samples.png", "loss.png"):
         assert (run / name).stat().st_size > 0, name
+    # options not given take the library's defaults: the command line keeps no defaults of its own
+    from gen.config import Config
+    config = json.loads((run / "config.json").read_text())
+    assert (config["log_every"], config["sample_every"], config["seed"]) == \
+        (Config().log_every, Config().sample_every, Config().seed)
 
 
 def test_sample_png_and_raw_safetensors(run, tmp_path):
@@ -138,6 +143,12 @@ def test_info_counts_any_parameter_tree_and_refuses_a_lone_params_tensor(run, tm
     assert_one_line_error(gen("info", tmp_path / "lone.safetensors"), "holds no parameter tree")
 
 
+def test_sample_refuses_an_unknown_device_in_one_line(run, tmp_path):
+    assert_one_line_error(gen("sample", run, "--device", "tpu", "--out", tmp_path / "s.png"),
+                          "unknown device 'tpu': use auto, cpu or cuda")
+    assert not (tmp_path / "s.png").exists()
+
+
 def test_sample_never_overwrites_a_checkpoint(run, tmp_path):
     other = tmp_path / "other.safetensors"
     other.write_bytes((run / "checkpoint.safetensors").read_bytes())
@@ -170,7 +181,8 @@ def test_sampling_is_reproducible_by_seed(run, tmp_path):
 def test_info_prints_model_step_and_parameter_count(run):
     result = gen("info", run)
     assert result.exit_code == 0
-    assert "model:      vae" in result.output and "step:       25" in result.output
+    # 1,500 training digits in batches of 128 make 11 steps an epoch: 25 steps are 2.27 epochs
+    assert "model:      vae" in result.output and "step:       25 (epoch 2.27)" in result.output
     assert "parameters: 76,104" in result.output  # 64-400-20 MLP VAE on 8x8 digits
     import gen as package
     assert f"versions:   gen {package.__version__}, torch {torch.__version__}" in result.output
@@ -273,10 +285,16 @@ def test_resume_keeps_how_the_run_runs_and_reports_unless_given_again(tmp_path):
     logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").open() if '"loss"' in line]
     assert logged == [2, 4, 6, 8] and (out / "samples" / "step_0000006.png").exists()
     # restating the run's own value of an option a VAE does not read (its config holds ema_decay 0.0) passes
-    again = gen("train", "vae", "--resume", "--out", out, "--steps", 12, "--log-every", 4, "--ema-decay", 0,
-                "--no-progress")
+    again = gen("train", "vae", "--resume", "--out", out, "--steps", 12, "--log-every", 4, "--sample-every", 5,
+                "--ema-decay", 0, "--no-progress")
     assert again.exit_code == 0, again.output
-    assert json.loads((out / "config.json").read_text())["log_every"] == 4
+    config = json.loads((out / "config.json").read_text())
+    assert (config["log_every"], config["sample_every"]) == (4, 5)
+    assert (out / "samples" / "step_0000010.png").exists() and not (out / "samples" / "step_0000009.png").exists()
+    # --epochs on resume: the run's length in epochs (11 steps each), 22 steps in all
+    longer = gen("train", "vae", "--resume", "--out", out, "--epochs", 2, "--no-progress")
+    assert longer.exit_code == 0, longer.output
+    assert "trained 22 steps" in longer.output
 
 
 @pytest.mark.parametrize("args, fragment", [
