@@ -264,20 +264,25 @@ def _interrupted(out: Path, steps_done: int, total_steps: int, state_is_whole: b
 class _InterruptAtStepBoundary:
     """Inside `with`: the first SIGINT (Ctrl-C) is held until `raise_if_requested()`, which the
     loop calls between steps; a second one raises KeyboardInterrupt at once. Outside the main
-    thread (where Python delivers no signals) it does nothing."""
+    thread (where Python delivers no signals) it does nothing, and so it does in a process
+    started with SIGINT ignored (nohup, a script's background job `gen train ... &`): what
+    its parent asked for stands."""
 
     def __init__(self):
         self.requested = False
+        self.installed = False
         self.previous = None
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
             self.previous = signal.signal(signal.SIGINT, self._handle)
+            self.installed = True
         return self
 
     def __exit__(self, *exc_info):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        if self.installed:  # None: a handler set outside Python, which Python cannot put back
+            signal.signal(signal.SIGINT, signal.SIG_DFL if self.previous is None else self.previous)
         return False
 
     def _handle(self, signum, frame):

@@ -14,6 +14,16 @@ from gen.config import Config
 from gen.tree import leaves
 
 
+@pytest.fixture(autouse=True)
+def sigint_as_python_sets_it():
+    """Every test here starts with Python's own SIGINT handler, whatever pytest was started with (a
+    script's background job starts with SIGINT ignored, which gen train leaves as it is), and the
+    handler it had is put back after it."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def rows(path):
     return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
 
@@ -51,6 +61,9 @@ def test_compiled_step_builds_one_graph_and_matches_eager(tmp_path, model, monke
     eager = training.train(Config(**{**config.to_dict(), "compile": False}), tmp_path / "eager", show_progress=False)
     # 33 steps, 3 evaluations and 3 sample grids in between: still one graph.
     assert compiled["graphs_compiled"] == 1 and eager["graphs_compiled"] == 0
+    assert compiled["compile_seconds"] > 0  # the first call's time, kept apart from the throughput
+    assert json.loads((tmp_path / "compiled" / "summary.json").read_text())["compile_seconds"] == \
+        compiled["compile_seconds"]
     compiled_rows, eager_rows = rows(tmp_path / "compiled"), rows(tmp_path / "eager")
     assert [r["step"] for r in compiled_rows] == [r["step"] for r in eager_rows]
     for a, b in zip(compiled_rows, eager_rows):
@@ -191,6 +204,14 @@ def test_second_ctrl_c_inside_a_step_stops_at_once_and_writes_no_checkpoint(tmp_
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
 
 
+def test_a_run_started_with_ctrl_c_ignored_leaves_it_ignored(tmp_path, monkeypatch):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # nohup, or `gen train ... &` in a script
+    signalling_step(monkeypatch, at_call=3, signals=2)
+    summary = training.train(Config(model="vae", steps=5, compile=False), tmp_path, show_progress=False)
+    assert summary["steps"] == 5 and checkpoint.read_metadata(tmp_path / run_folder.CHECKPOINT)["step"] == 5
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
 def test_second_ctrl_c_after_a_checkpoint_keeps_it(tmp_path, monkeypatch):
     config = Config(model="vae", steps=4, compile=False)
     training.train(config, tmp_path, show_progress=False)
@@ -220,8 +241,26 @@ def test_interrupt_saves_a_valid_resume_point(tmp_path, monkeypatch):
     assert summary["final"]["step"] == 20
 
 
-def test_a_diverged_run_keeps_its_last_good_checkpoint(tmp_path, monkeypatch):
-    """The 22nd call, the last of epoch 2, writes NaN into the params; its logged loss, computed
+def all_params_nan(state):
+    return {**state, "params": {k: torch.full_like(v, math.nan) for k, v in state["params"].items()}}
+
+
+def one_value(state, part, value):
+    """The state with one number of the last tensor of state[part] (params, or an Adam moment) set."""
+    tree = state[part] if part == "params" else state["opt_state"][part]
+    name = list(tree)[-1]
+    poisoned = tree[name].clone()
+    poisoned.view(-1)[-1] = value
+    tree = {**tree, name: poisoned}
+    return {**state, "params": tree} if part == "params" else \
+        {**state, "opt_state": {**state["opt_state"], part: tree}}
+
+
+@pytest.mark.parametrize("poison", [all_params_nan, lambda state: one_value(state, "params", math.nan),
+                                    lambda state: one_value(state, "mu", math.inf)],
+                         ids=["every parameter NaN", "one NaN in the last parameter", "one inf in Adam's mu"])
+def test_a_diverged_run_keeps_its_last_good_checkpoint(tmp_path, monkeypatch, poison):
+    """The 22nd call, the last of epoch 2, writes NaN or inf into the state; its logged loss, computed
     before the update, is finite, so the check before saving is what refuses: step 11's is kept."""
     make_step = vae.MLP_VAE.make_step
 
@@ -232,7 +271,7 @@ def test_a_diverged_run_keeps_its_last_good_checkpoint(tmp_path, monkeypatch):
             calls["made"] += 1
             state, metrics = step(state, batch, inputs)
             if calls["made"] == 22:
-                state = {**state, "params": {k: torch.full_like(v, math.nan) for k, v in state["params"].items()}}
+                state = poison(state)
             return state, metrics
         return poisoning
     monkeypatch.setattr(vae, "MLP_VAE", vae.MLP_VAE._replace(make_step=make_poisoning_step))
@@ -245,12 +284,18 @@ def test_a_diverged_run_keeps_its_last_good_checkpoint(tmp_path, monkeypatch):
     assert metadata["step"] == 11 and all(torch.isfinite(t).all() for t in leaves(state))
 
 
-def test_run_folder_holds_everything_a_run_promises(tmp_path):
+def test_run_folder_holds_everything_a_run_promises(tmp_path, monkeypatch):
+    plotted, loss_curves = [], training.plots.loss_curves
+    monkeypatch.setattr(training.plots, "loss_curves",
+                        lambda history, *args, **kwargs: plotted.append(history) or loss_curves(history, *args, **kwargs))
     summary = training.train(Config(model="conv-vae", epochs=2, log_every=4, compile=False), tmp_path,
                              show_progress=False)
     names = {p.name for p in tmp_path.iterdir()}
     assert {"checkpoint.safetensors", "config.json", "metrics.jsonl", "samples.png", "loss.png", "summary.json"} <= names
     assert json.loads((tmp_path / "summary.json").read_text())["evaluation"] == summary["evaluation"]
+    assert summary["evaluation"]["step"] == 22 and summary["final"]["step"] == 22  # the last of each kind
+    # the loss curves are the training rows' (evaluation rows have no samples_per_s), every one of them
+    assert plotted == [[r for r in rows(tmp_path) if "samples_per_s" in r]] and len(plotted[0]) == 7
     logged = rows(tmp_path)
     assert all({"step", "epoch", "loss", "samples_per_s"} <= set(r) for r in logged if "loss" in r)
     assert [r["step"] for r in logged if "test_loss" in r] == [11, 22]  # one evaluation per epoch
