@@ -5,6 +5,7 @@ import math
 import signal
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -501,3 +502,31 @@ def test_bad_configs_are_one_line_value_errors(tmp_path, config, message):
     with pytest.raises(ValueError, match=message) as error:
         training.train(config, tmp_path, show_progress=False)
     assert "\n" not in str(error.value)
+
+
+class TickingClock:
+    """time with a perf_counter that advances one second a call: two runs that time the same way
+    see the same seconds, whatever the machine does."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 1.0
+        return self.now
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+def test_samples_per_second_counts_every_real_batch_a_step_takes(tmp_path, monkeypatch):
+    # A WGAN-GP step with n_critic = 5 takes five real batches: the same steps in the same
+    # (ticking) seconds are five times the samples of n_critic = 1.
+    rates = {}
+    for n_critic in (1, 5):
+        monkeypatch.setattr(training, "time", TickingClock())
+        config = Config(model="wgan-gp", data="ring8", steps=6, log_every=3, batch_size=32, n_critic=n_critic,
+                        compile=False)
+        training.train(config, tmp_path / str(n_critic), show_progress=False)
+        rates[n_critic] = [r["samples_per_s"] for r in rows(tmp_path / str(n_critic)) if "samples_per_s" in r]
+    assert len(rates[1]) == 2 and rates[5] == [pytest.approx(5 * rate, abs=0.5) for rate in rates[1]]  # rounded to 0.1
