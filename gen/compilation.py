@@ -197,6 +197,7 @@ class DirectStep:
         self.compiled = torch.compile(step, fullgraph=True, dynamic=False, backend=self.compile_graph)
         self.new_graph: dict | None = None  # what compile_graph saw during the current Dynamo call
         self.record: dict | None = None     # the call the direct path replays
+        self.tree: list | None = None       # _flatten's tree of the last call that compiled
 
     def compile_graph(self, graph_module: torch.fx.GraphModule, example_inputs: list) -> Callable:
         """Dynamo's backend: Inductor, as torch.compile(options=...) runs it, keeping what the record needs."""
@@ -214,16 +215,17 @@ class DirectStep:
 
     def __call__(self, *args):
         record = self.record
-        if record is not None and _steady.get():
+        if self.tree is not None and _steady.get():
             call_leaves, tree = _flatten(args)
-            if tree != record["tree"]:
+            if tree != self.tree:
                 # Another tree or Python value (a scalar 3.0 where 2.0 was traced): Dynamo with its
-                # guards skipped would run the recorded graph, the old value baked in, and return
-                # a wrong result without a word. So this call has its guards checked: it recompiles.
+                # guards skipped would run the last graph, the old value baked in, and return a
+                # wrong result without a word. So this call has its guards checked (and compiles
+                # if no graph fits), recorded or not.
                 with torch.compiler.set_stance(skip_guard_eval_unsafe=False):
                     return self.call_dynamo(args)
             tensors = [leaf for leaf in call_leaves if isinstance(leaf, torch.Tensor)]
-            if _aliasing(tensors) == record["aliasing"] \
+            if record is not None and _aliasing(tensors) == record["aliasing"] \
                     and record["tensors"].check(*tensors) and record["global_state"].check():
                 sources = record["sources"]
                 outputs = record["graph"](*[call_leaves[i] if i >= 0 else c for i, c in sources])
@@ -239,6 +241,7 @@ class DirectStep:
             result = self.compiled(*args)
             if self.new_graph is not None:
                 self.record = _recording(self.new_graph, args, before, result)
+                self.tree = before[1][1]
         except RuntimeError as error:
             problem = build_failure(error)  # the C++ toolchain: one line, not Inductor's pages
             if problem is None:

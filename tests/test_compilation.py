@@ -174,18 +174,20 @@ def test_a_direct_call_runs_the_recorded_graph_only_on_calls_it_fits():
 def test_a_step_that_changes_its_arguments_tree_is_not_replayed_directly():
     """Compilation is what this test is about (one tiny graph). A dict entry the step sets on its
     argument is a side effect Dynamo replays in Python after the graph: a direct call of the
-    graph alone would skip it, so such a step keeps going through Dynamo."""
-    def step(state, x):
+    graph alone would skip it, so such a step keeps going through Dynamo; and, though not
+    recorded, a call with another Python `k` is not run on the graph traced with k = 2."""
+    def step(state, x, k):
         state["n"] = state["n"] + 1  # impure on purpose: the argument's dict is changed
-        return {"w": state["w"] * 2}, {"s": (state["w"] * x).sum()}
+        return {"w": state["w"] * 2}, {"s": (state["w"] * x).sum() * k}
 
     torch._dynamo.reset()
     stepped = compilation.compile_step(step, "cpu")
     state, x = {"w": torch.ones(3), "n": torch.zeros(())}, torch.ones(3)
-    stepped(state, x)
+    stepped(state, x, 2)
     with compilation.steady():
-        stepped(state, x)
-    assert state["n"].item() == 2
+        assert stepped(state, x, 2)[1]["s"].item() == 6.0
+        assert stepped(state, x, 3)[1]["s"].item() == 9.0
+    assert state["n"].item() == 3
 
 
 def test_rebuild_keeps_namedtuples():
