@@ -22,6 +22,8 @@ from torch import Tensor
 def mode_coverage(samples: Tensor, modes: Tensor, std: float, n_stds: float = 3.0,
                   min_per_mode: float = 20.0, per_samples: int = 2500) -> dict[str, float]:
     """Modes captured, high-quality percentage and reverse KL of 2D samples (N, 2) against modes (M, 2)."""
+    if len(samples) == 0:  # no sample would count every mode as captured, at a NaN percentage
+        raise ValueError("mode coverage needs at least one sample: draw some, e.g. 2,500")
     samples, modes = samples.detach().float().cpu(), modes.float().cpu()
     # ‖x - μ‖ from the differences themselves: cdist's default, above 25 rows, takes the root of
     # ‖x‖² + ‖μ‖² - 2x·μ, whose float32 cancellation moves samples near the 3σ circle across it

@@ -82,3 +82,32 @@ def test_non_finite_samples_are_of_low_quality():
     assert result["high_quality_pct"] == pytest.approx(100 * 80 / 83)
     assert result["modes_captured"] == 0  # 10 per mode
     assert result["reverse_kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_sample_exactly_3_stds_away_is_not_of_high_quality():
+    """‖x - μ‖ < 3σ is strict (VEEGAN, PacGAN): a sample on the 3σ circle is not high quality.
+    σ = 0.5 and these distances (1.5) are exact in float32."""
+    modes = torch.tensor([[0.0, 0.0], [10.0, 0.0]])
+    on_circle = torch.tensor([[1.5, 0.0], [0.0, -1.5], [8.5, 0.0]])
+    inside = torch.tensor([[1.4999, 0.0]])
+    assert mode_coverage(on_circle, modes, std=0.5)["high_quality_pct"] == 0.0
+    assert mode_coverage(torch.cat([on_circle, inside]), modes, std=0.5)["high_quality_pct"] == 25.0
+
+
+def test_samples_and_modes_of_any_float_dtype_are_judged_alike():
+    """float64 samples (a numpy array's default), bfloat16 ones (a generator run under bf16
+    autocast) and float64 modes give the float32 answer; cdist itself refuses mixed or bf16 inputs."""
+    modes, std = mixture_modes("grid25")
+    # values exact in bfloat16: the modes (even integers) and points far between them
+    samples = torch.cat([modes.repeat(4, 1), torch.full((20, 2), 1.0)])
+    expected = mode_coverage(samples, modes, std, per_samples=100)
+    assert expected["high_quality_pct"] == pytest.approx(100.0 * 100 / 120)
+    for s, m in ((samples.double(), modes), (samples.bfloat16(), modes), (samples, modes.double()),
+                 (samples.double(), modes.double())):
+        assert mode_coverage(s, m, std, per_samples=100) == expected, (s.dtype, m.dtype)
+
+
+def test_no_samples_is_refused_rather_than_every_mode_captured():
+    modes, std = mixture_modes("ring8")
+    with pytest.raises(ValueError, match="mode coverage needs at least one sample"):
+        mode_coverage(torch.zeros(0, 2), modes, std)

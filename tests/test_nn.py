@@ -237,3 +237,77 @@ def test_prefix_and_take_are_inverse():
     assert list(model) == ["encoder.fc.weight", "encoder.fc.bias", "decoder.fc.weight", "decoder.fc.bias"]
     assert take(model, "encoder.fc").keys() == params.keys()
     assert torch.equal(take(model, "encoder.fc")["weight"], params["weight"])
+
+
+def test_biases_share_the_weights_init_bound():
+    """torch.nn's Linear, Conv2d and ConvTranspose2d draw the bias from U(-1/√fan_in, 1/√fan_in),
+    the weight's bound (fan_in: in, in·k·k, and out·k·k for the transposed (in, out, k, k) layout)."""
+    for params, bound in ((nn.linear_init(generator(), 30, 200), 1 / 30 ** 0.5),
+                          (nn.conv2d_init(generator(), 3, 200, 4), 1 / (3 * 16) ** 0.5),
+                          (nn.conv_transpose2d_init(generator(), 3, 200, 4), 1 / (200 * 16) ** 0.5)):
+        for name in ("weight", "bias"):
+            largest = params[name].abs().max()
+            assert 0.9 * bound < largest <= bound, (name, largest, bound)
+
+
+def test_layer_defaults_are_torchs():
+    """Stride 1 and no padding unless asked, as in torch.nn (the matmul forms included)."""
+    x = torch.randn(2, 3, 9, 9, generator=generator(1))
+    conv = nn.conv2d_init(generator(2), 3, 5, 3)
+    expected = functional_call(tnn.Conv2d(3, 5, 3), conv, (x,))
+    for layer in (nn.conv2d, nn.conv2d_as_matmul, nn.image_conv2d):
+        torch.testing.assert_close(layer(conv, x), expected, rtol=1e-5, atol=1e-5)
+    deconv = nn.conv_transpose2d_init(generator(3), 3, 5, 3)
+    expected = functional_call(tnn.ConvTranspose2d(3, 5, 3), deconv, (x,))
+    assert expected.shape == (2, 5, 11, 11)
+    for layer in (nn.conv_transpose2d, nn.conv_transpose2d_as_matmul, nn.image_conv_transpose2d):
+        torch.testing.assert_close(layer(deconv, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_norm_init_is_torchs_identity_scale_and_zero_shift():
+    """Fresh params (γ = 1, β = 0) and statistics (0, 1), as torch.nn.BatchNorm2d starts."""
+    params, state = nn.batch_norm_init(4)
+    module = tnn.BatchNorm2d(4)
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(params[name], getattr(module, name).detach())
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(state[name], getattr(module, name))
+    x = torch.randn(8, 4, 3, 3, generator=generator(1)) * 5 + 2
+    y, _ = nn.batch_norm(params, state, x, training=True)
+    torch.testing.assert_close(y, module.train()(x))  # standardised per channel, nothing added
+    torch.testing.assert_close(y.mean((0, 2, 3)), torch.zeros(4), rtol=0, atol=1e-5)
+
+
+def test_spectral_normalize_stays_in_float32_under_bf16_autocast():
+    """u is checkpointed state and σ divides every weight: both stay float32 under `--precision bf16`."""
+    weight = torch.randn(64, 128, generator=generator(1))
+    state = nn.spectral_norm_init(generator(2), weight)
+    expected, expected_state = nn.spectral_normalize(weight, state)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        normalized, new_state = nn.spectral_normalize(weight, state)
+    assert new_state["u"].dtype == torch.float32 and normalized.dtype == torch.float32
+    torch.testing.assert_close(new_state["u"], expected_state["u"])
+    torch.testing.assert_close(normalized, expected)
+
+
+def test_spectral_normalize_is_scale_invariant_down_to_tiny_weights():
+    """W / σ(W) does not depend on W's scale; F.normalize's eps (torch's 1e-12) must not bite for a
+    layer whose weights are small."""
+    weight = torch.randn(16, 8, generator=generator(3))
+    state = nn.spectral_norm_init(generator(4), weight)
+    expected, expected_state = nn.spectral_normalize(weight, state)
+    for scale in (1e-2, 1e-4, 1e-6):
+        normalized, new_state = nn.spectral_normalize(scale * weight, state)
+        torch.testing.assert_close(normalized, expected, rtol=1e-4, atol=1e-6, msg=str(scale))
+        torch.testing.assert_close(new_state["u"], expected_state["u"], rtol=1e-4, atol=1e-6, msg=str(scale))
+
+
+def test_at_least_float32_promotes_half_precision_and_keeps_float64():
+    for dtype, expected in ((torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                            (torch.float32, torch.float32), (torch.float64, torch.float64)):
+        t = torch.tensor([1.0, 1 / 3], dtype=dtype)
+        out = nn.at_least_float32(t)
+        assert out.dtype == expected, dtype
+        assert torch.equal(out.double(), t.double()), dtype  # exact: a promotion only
+    tiny = torch.tensor([1 + 1e-12], dtype=torch.float64)
+    assert nn.at_least_float32(tiny).item() == 1 + 1e-12
