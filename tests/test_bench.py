@@ -4,8 +4,10 @@ parity with gen's losses (the proof they are the same models), and one end-to-en
 import importlib
 import json
 import os
+import signal
 import statistics
 import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -860,3 +862,224 @@ def test_the_peers_optimizers_take_the_configs_learning_rate_and_betas(model):
     assert optimizers
     for optimizer in optimizers:
         assert all(group["lr"] == 3e-4 and group["betas"] == (0.3, 0.95) for group in optimizer.param_groups)
+
+
+
+STANDIN_HARNESS = '''
+import json, os, sys
+args = sys.argv[1:]
+with open(os.environ["STANDIN_ARGV"], "a") as log:  # one line per process the driver started
+    log.write(json.dumps(args) + "\\n")
+groups = args[:args.index("--device")]
+modes = [args[i + 1] for i, arg in enumerate(args) if arg == "--mode"]
+finished = groups[:int(os.environ.get("STANDIN_GROUPS", len(groups)))]
+rows = [{"model": g.split(":")[0], "batch_size": int(g.split(":")[1]), "mode": mode, "device": "cpu",
+         "error": "from the stand-in"} for g in finished for mode in modes]
+with open(args[args.index("--json") + 1], "w") as file:
+    json.dump({"machine": {"cpu": "stand-in", "cores": 1, "torch": "0"}, "results": rows}, file)
+sys.exit(int(os.environ.get("STANDIN_EXIT", "0")))
+'''
+
+
+def run_cuda_driver(tmp_path, *args, cwd=None, **env):
+    """bench/cuda.py with the stand-in harness (no torch, no timing): what it was asked, what it wrote."""
+    standin = tmp_path / "standin_run.py"
+    standin.write_text(STANDIN_HARNESS)
+    argv = tmp_path / "argv.jsonl"
+    done = subprocess.run([sys.executable, str(bench.PEERS_DIR / "cuda.py"), *args, "--device", "cpu",
+                           "--harness", str(standin)], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "STANDIN_ARGV": str(argv), **env})
+    calls = [json.loads(line) for line in argv.read_text().splitlines()] if argv.exists() else []
+    return done, calls
+
+
+def test_cuda_driver_runs_the_readme_plan_and_settings_by_default(tmp_path):
+    """bench/README.md: the eight groups in priority order, six modes (cheap ones first), 30 steps ×
+    5 rounds, no compile probes, --time-budget 35 s short of TOTAL (default 330 s); cuda.json keeps
+    the harness's rows and its machine, tagged with the attempt."""
+    out = tmp_path / "out"
+    done, calls = run_cuda_driver(tmp_path, str(out))
+    assert done.returncode == 0, done.stderr
+    (args,) = calls
+    assert args[:args.index("--device")] == ["vae:128", "dcgan:64", "vae:4096", "conv-vae:128", "gan-2d:256",
+                                             "wgan-gp:256", "dcgan:512", "conv-vae:1024"]
+    modes = [args[i + 1] for i, arg in enumerate(args) if arg == "--mode"]
+    assert modes == ["module", "eager", "undonated", "compiled", "compiled-ro", "compiled-bf16"]
+    assert args[args.index("--steps") + 1] == "30" and args[args.index("--repeats") + 1] == "5"
+    assert "--no-compile-times" in args
+    assert 330 - 35 - 15 < float(args[args.index("--time-budget") + 1]) <= 330 - 35
+    merged = json.loads((out / "cuda.json").read_text())
+    assert merged["machines"] == [{"attempt": 1, "cpu": "stand-in", "cores": 1, "torch": "0"}]
+    assert len(merged["results"]) == 8 * 6 and {r["error"] for r in merged["results"]} == {"from the stand-in"}
+
+
+@pytest.mark.parametrize("total", ["0", "20"])
+def test_cuda_driver_skips_the_groups_it_has_no_time_for(tmp_path, total):
+    """Under 30 s left no harness is started: every group is a row `skipped: time budget spent`."""
+    out = tmp_path / "out"
+    done, calls = run_cuda_driver(tmp_path, str(out), "--total", total, "--plan", "vae:8", "gan-2d:8",
+                                  "--mode", "eager", "--mode", "module")
+    assert done.returncode == 0, done.stderr
+    assert calls == [] and "2 group(s) not started" in done.stdout
+    merged = json.loads((out / "cuda.json").read_text())
+    assert merged["machines"] == []
+    assert merged["results"] == [{**dict.fromkeys(bench.ROW_FIELDS), "model": model, "batch_size": 8, "mode": mode,
+                                  "device": "cpu", "error": "skipped: time budget spent"}
+                                 for model in ("vae", "gan-2d") for mode in ("eager", "module")]
+
+
+def test_cuda_driver_records_what_a_harness_left_out(tmp_path):
+    """A harness that exits 0 without some groups gets them as error rows (no second attempt); one
+    that dies after its last group (exit status 3) leaves the results it wrote, and the driver ends."""
+    out = tmp_path / "out"
+    done, calls = run_cuda_driver(tmp_path, str(out), "--plan", "vae:8", "gan-2d:8", "--mode", "eager",
+                                  STANDIN_GROUPS="1")
+    assert done.returncode == 0, done.stderr
+    assert len(calls) == 1
+    rows = {(r["model"], r["batch_size"]): r for r in json.loads((out / "cuda.json").read_text())["results"]}
+    assert rows[("vae", 8)]["error"] == "from the stand-in"
+    assert rows[("gan-2d", 8)]["error"] == "missing from the harness's output"
+    (tmp_path / "argv.jsonl").unlink()
+    done, calls = run_cuda_driver(tmp_path, str(out), "--plan", "vae:8", "gan-2d:8", "--mode", "eager",
+                                  STANDIN_EXIT="3")
+    assert done.returncode == 0, done.stderr
+    assert len(calls) == 1 and "attempt 1: exit status 3 after its last group" in done.stdout
+    results = json.loads((out / "cuda.json").read_text())["results"]
+    assert [r["error"] for r in results] == ["from the stand-in"] * 2
+
+
+def test_cuda_driver_takes_a_relative_out_dir_from_where_it_is_run(tmp_path):
+    """The harness runs from the repository root; OUT_DIR is the caller's, as the usage line says."""
+    done, calls = run_cuda_driver(tmp_path, "out", "--plan", "vae:8", "--mode", "eager", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert calls[0][calls[0].index("--json") + 1] == str(tmp_path / "out" / "cuda-1.json")
+    results = json.loads((tmp_path / "out" / "cuda.json").read_text())["results"]
+    assert [r["error"] for r in results] == ["from the stand-in"]
+
+
+def test_cuda_driver_sends_sigterm_at_its_time_limit_then_sigkill(tmp_path):
+    """run_until: past the limit the harness gets SIGTERM (bench/run.py then writes what it has and
+    exits 143); one that ignores it is killed 5 s later. Its output goes to the log."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_cuda", bench.PEERS_DIR / "cuda.py")
+    cuda = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cuda)
+    log = tmp_path / "cuda.log"
+    writes = ("import signal, sys, time\n"
+              "def stop(signum, frame):\n"
+              "    print('terminated: writing what it has', flush=True)\n"
+              "    sys.exit(143)\n"
+              "signal.signal(signal.SIGTERM, stop)\n"
+              "time.sleep(20)\n")
+    assert cuda.run_until([sys.executable, "-c", writes], log, timeout=3) == 143
+    assert "terminated: writing what it has" in log.read_text()
+    ignores = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(20)\n"
+    assert cuda.run_until([sys.executable, "-c", ignores], log, timeout=3) == -signal.SIGKILL
+
+
+RECORDING_RUN_PY = '''
+import json, runpy, sys
+sys.path.insert(0, {root!r})
+from gen import mkl_amd
+
+def load():  # bench/run.py calls it before it imports gen.bench; gen.bench.main is swapped in here
+    print(json.dumps({{"torch_imported_before_load": "torch" in sys.modules}}), flush=True)
+    import gen.bench
+    gen.bench.main = lambda **kwargs: print(json.dumps(kwargs), flush=True)
+
+mkl_amd.load = load
+sys.argv[0] = {run!r}
+runpy.run_path({run!r}, run_name="__main__")
+'''
+
+
+def test_run_py_hands_its_options_to_gen_bench(tmp_path):
+    """bench/run.py is `gen bench` from a checkout: MKL's shim first, then the same defaults
+    (device auto, 20 steps, 5 rounds, compile probes on, no time budget) and every option passed on."""
+    root = bench.PEERS_DIR.parent
+    script = tmp_path / "recording_run.py"
+    script.write_text(RECORDING_RUN_PY.format(root=str(root), run=str(root / "bench" / "run.py")))
+
+    def kwargs_of(*args):
+        done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        first, passed = [json.loads(line) for line in done.stdout.splitlines()]
+        assert first == {"torch_imported_before_load": False}
+        return passed
+
+    defaults = kwargs_of()
+    assert not defaults.pop("models")  # none given: every model (None or [] alike)
+    assert defaults == {"batch_sizes": None, "steps": 20, "repeats": 5, "device": "auto", "json_path": None,
+                        "modes": None, "measure_compile": True, "time_budget": None}
+    given = kwargs_of("vae:8", "gan-2d", "--batch-size", "4", "--batch-size", "6", "--steps", "3", "--repeats", "2",
+                      "--mode", "eager", "--mode", "module", "--device", "cpu", "--json", "x.json",
+                      "--no-compile-times", "--time-budget", "12.5")
+    assert given == {"models": ["vae:8", "gan-2d"], "batch_sizes": [4, 6], "steps": 3, "repeats": 2, "device": "cpu",
+                     "json_path": "x.json", "modes": ["eager", "module"], "measure_compile": False,
+                     "time_budget": 12.5}
+
+
+def test_run_py_ends_a_sigterm_run_like_ctrl_c(tmp_path):
+    """SIGTERM (from `timeout`) in the second group: the finished group is printed and written, and the
+    exit status is the shell's for SIGTERM (143), not a signal death."""
+    root = bench.PEERS_DIR.parent
+    script = tmp_path / "terminated_run.py"
+    script.write_text(TERMINATED_HARNESS.format(root=str(root), run=str(root / "bench" / "run.py")))
+    path = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, str(script), "vae:8", "gan-2d:8", "--device", "cpu", "--mode", "eager",
+                           "--steps", "1", "--repeats", "1", "--no-compile-times", "--json", str(path)],
+                          capture_output=True, text=True, cwd=str(root),
+                          env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert "interrupted: writing the groups finished so far" in done.stdout
+    written = json.loads(path.read_text())
+    assert [r["model"] for r in written["results"]] == ["vae"] and written["machine"]["complete"] is False
+
+
+def test_speedups_are_per_model_and_batch_size():
+    """× module divides by the module row of the same model and batch size; a group without one
+    (or whose module failed) gets no ratio."""
+    def row(model, batch, mode, rate, error=None):
+        return {"model": model, "batch_size": batch, "mode": mode, "samples_per_s": rate, "error": error}
+    rows = [row("vae", 16, "module", 100.0), row("vae", 16, "compiled", 300.0),
+            row("vae", 32, "module", 400.0), row("vae", 32, "compiled", 600.0),
+            row("vae", 64, "compiled", 50.0),  # no peer in this group
+            row("gan-2d", 16, "module", None, "RuntimeError: boom"), row("gan-2d", 16, "eager", 10.0)]
+    assert report.speedups(rows) == {("vae", 16, "module"): 1.0, ("vae", 16, "compiled"): 3.0,
+                                     ("vae", 32, "module"): 1.0, ("vae", 32, "compiled"): 1.5}
+
+
+def test_the_table_shows_each_rows_figures_and_the_machine(capsys, monkeypatch):
+    monkeypatch.delenv("COLUMNS", raising=False)
+
+    def row(mode, rate, pct):
+        return {**dict.fromkeys(bench.ROW_FIELDS), "model": "vae", "batch_size": 128, "mode": mode, "device": "cuda",
+                "samples_per_s": rate, "samples_per_s_min": rate - 10, "samples_per_s_max": rate + 10,
+                "ms_per_step": 1.25, "gflops": 450.0, "pct_of_peak": pct, "peak_gflops": 1000.0,
+                "first_call_s": 8.25, "peak_memory_mb": 512.0, "error": None}
+    bench.print_table([row("module", 1000.0, 45.0), row("compiled", 3000.0, 30.0)],
+                      {"cpu": "Xeon", "cores": 16, "torch": "2.11.0", "gpu": "NVIDIA H100 80GB HBM3"})
+    out = capsys.readouterr().out
+    assert "Xeon, 16 cores, torch 2.11.0, NVIDIA H100 80GB HBM3" in " ".join(out.split())  # the title may wrap
+    cells = {line.split("│")[3].strip(): [cell.strip() for cell in line.split("│")[1:-1]]
+             for line in out.splitlines() if line.startswith("│ vae")}
+    # model, batch, mode, samples/s (min–max), × module, ms/step, GFLOP/s, % peak, compile, first call, peak MB
+    assert cells["module"] == ["vae", "128", "module", "1,000 (990–1,010)", "1.00", "1.25", "450.0", "45%", "", "8.2",
+                               "512"]
+    assert cells["compiled"][3:8] == ["3,000 (2,990–3,010)", "3.00", "1.25", "450.0", "30%"]
+    assert "peak MB: CUDA max allocated; float32 matmul peak 1000.0 GFLOP/s" in out
+
+
+def test_a_json_link_into_a_missing_directory_is_refused_before_the_run(tmp_path, monkeypatch):
+    """The link is followed before the run: its file's directory is the one checked."""
+    monkeypatch.setattr(harness, "run", lambda *args, **kwargs: pytest.fail("the run started"))
+    link = tmp_path / "link.json"
+    link.symlink_to(tmp_path / "missing" / "real.json")
+    with pytest.raises(ValueError, match="the directory .*missing does not exist: create it"):
+        harness.main(models=["gan-2d"], json_path=str(link))
+
+
+def test_json_dev_stdin_is_refused_as_a_stream(monkeypatch):
+    monkeypatch.setattr(harness, "run", lambda *args, **kwargs: pytest.fail("the run started"))
+    with pytest.raises(ValueError, match="--json /dev/stdin is one of the process's streams, not a file"):
+        harness.main(models=["gan-2d"], json_path="/dev/stdin")
