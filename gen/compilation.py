@@ -25,8 +25,9 @@ Seven choices, each measured on the 2-core CPU of bench/README.md:
    A tensor that breaks it is refused: torch raises "Recompilation triggered"
    instead of running the wrong graph. A Python value is not guarded that way
    (Dynamo ran the old graph for a scalar 3.0 traced as 2.0, the 2.0 baked in),
-   so a compile_step call whose Python values differ from its first call's has
-   its guards checked even inside steady(), and compiles again (7., and
+   so a compile_step call whose Python values differ from those of the call
+   that last compiled has its guards checked even inside steady(), and
+   compiles again (7., and
    tests/test_compilation.py); tests/test_train.py checks that a run builds one
    graph and matches eager.
 4. The CPU vector-ISA probe, done once per cache directory (gen/vector_isa.py):
@@ -283,7 +284,7 @@ def _recording(graph: dict, args: tuple, before: tuple, result) -> dict | None:
     # TensorGuards keeps each tensor's metadata, not the tensor (test_compilation.py checks none stays alive).
     return {"graph": graph["graph"], "sources": sources, "results": results,
             "result": _rebuild(result, iter([None] * len(results))),  # the structure only
-            "tree": tree, "aliasing": _aliasing(tensors), "global_state": global_state,
+            "aliasing": _aliasing(tensors), "global_state": global_state,
             "tensors": TensorGuards(*tensors, dynamic_dims_sizes=None, dynamic_dims_strides=None)}
 
 

@@ -281,7 +281,7 @@ class _InterruptAtStepBoundary:
         return self
 
     def __exit__(self, *exc_info):
-        if self.installed:  # None: a handler set outside Python, which Python cannot put back
+        if self.installed:  # previous None: a handler set outside Python, which Python cannot put back
             signal.signal(signal.SIGINT, signal.SIG_DFL if self.previous is None else self.previous)
         return False
 
